@@ -1,0 +1,26 @@
+"""Model side: backbones, poolers, heads, metrics and the EmbeddingModule that composes them."""
+
+from lightning_modules.backbones import Backbone, BackboneOutput
+from lightning_modules.backbones.qwen_omni import PromptTemplates, QwenOmniThinker
+from lightning_modules.heads import Head, IdentityHead, LinearHead, MLPHead, ModalityHeads
+from lightning_modules.inputs import EmbedInput
+from lightning_modules.module import EmbeddingModule
+from lightning_modules.poolers import EmbTokenPooler, LastTokenPooler, MeanPooler, Pooler
+
+__all__ = [
+    "Backbone",
+    "BackboneOutput",
+    "EmbTokenPooler",
+    "EmbedInput",
+    "EmbeddingModule",
+    "Head",
+    "IdentityHead",
+    "LastTokenPooler",
+    "LinearHead",
+    "MLPHead",
+    "MeanPooler",
+    "ModalityHeads",
+    "Pooler",
+    "PromptTemplates",
+    "QwenOmniThinker",
+]

@@ -1,0 +1,292 @@
+"""Qwen2.5-Omni thinker as an embedding backbone (AuroLA, Omni-Embed-Audio)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    Qwen2_5OmniThinkerConfig,
+    Qwen2_5OmniThinkerModel,
+    WhisperFeatureExtractor,
+)
+
+from lightning_modules.adapters import LoraSettings, add_lora, freeze
+from lightning_modules.backbones.base import Backbone, BackboneOutput
+from lightning_modules.backbones.offline_tokenizer import build_offline_tokenizer
+from lightning_modules.inputs import EmbedInput
+
+AUDIO_TOKEN = "<|AUDIO|>"
+AUDIO_BOS = "<|audio_bos|>"
+AUDIO_EOS = "<|audio_eos|>"
+# The special tokens of the Qwen2.5-Omni vocabulary the prompts and the thinker need, in the order the
+# tiny offline tokenizer assigns ids to them.
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    AUDIO_TOKEN,
+    "<|IMAGE|>",
+    "<|VIDEO|>",
+    AUDIO_BOS,
+    AUDIO_EOS,
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_bos|>",
+    "<|vision_eos|>",
+]
+
+
+def audio_token_count(feature_lengths: torch.Tensor | int) -> torch.Tensor | int:
+    """Audio placeholder tokens the thinker's audio tower emits for ``L`` Whisper frames.
+
+    Two stride-2 stages (a convolution, then average pooling): ``((L - 1) // 2 + 1 - 2) // 2 + 1``.
+    """
+    after_conv = (feature_lengths - 1) // 2 + 1
+    return (after_conv - 2) // 2 + 1
+
+
+@dataclass
+class PromptTemplates:
+    """Chat prompts per input modality, rendered in Qwen2.5-Omni's ChatML format.
+
+    Placeholders: ``{audio}`` (the audio slot, wrapped in audio_bos/eos), ``{text}`` and
+    ``{instruction}`` (empty when the input has none). The defaults are AuroLA's prompts: the
+    assistant turn is ``<emb>.`` and the embedding is the state just before ``<emb>``.
+
+    Args:
+        system: system turn; ``None`` leaves it out.
+        audio: user turn for audio-only inputs.
+        text: user turn for text-only inputs.
+        audio_text: user turn for inputs with audio and text.
+        assistant: assistant turn that closes the prompt.
+    """
+
+    system: str | None = "You are a helpful assistant."
+    audio: str = "{audio}Summarize above audio in one word:"
+    text: str = "{text}\nSummarize above sentence in one word:"
+    audio_text: str = "{audio}{text}\nSummarize above audio and sentence in one word:"
+    assistant: str = "<emb>."
+
+    def render(self, item: EmbedInput) -> str:
+        """The full prompt of ``item`` with a single ``<|AUDIO|>`` slot for its audio, if any."""
+        template = getattr(self, item.modality)
+        user = template.format(
+            audio=f"{AUDIO_BOS}{AUDIO_TOKEN}{AUDIO_EOS}", text=item.text or "", instruction=item.instruction or ""
+        )
+        system = f"<|im_start|>system\n{self.system}<|im_end|>\n" if self.system is not None else ""
+        return f"{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{self.assistant}<|im_end|>\n"
+
+
+class QwenOmniCollator:
+    """Builds thinker inputs exactly as ``Qwen2_5OmniProcessor`` would, without torchvision.
+
+    Each audio's ``<|AUDIO|>`` slot is expanded to :func:`audio_token_count` placeholders. Whisper
+    features are padded to the batch's longest clip rather than to 30 s: waveforms get zero padding
+    past the longest clip (so its last frames see zeros, as in the 30 s padding), and the frames past
+    the longest clip are dropped. Valid frames are identical to the official processor's.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        feature_extractor: WhisperFeatureExtractor,
+        prompts: PromptTemplates,
+        padding_side: str = "left",
+    ):
+        self.tokenizer = tokenizer
+        self.feature_extractor = feature_extractor
+        self.prompts = prompts
+        self.padding_side = padding_side
+
+    def features(self, waves: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        fe = self.feature_extractor
+        longest = max(len(w) for w in waves)
+        if longest > fe.n_samples:
+            raise ValueError(
+                f"audio of {longest / fe.sampling_rate:.2f} s exceeds the feature extractor's "
+                f"{fe.n_samples / fe.sampling_rate:.0f} s; crop it with the datamodule's max seconds"
+            )
+        frames = math.ceil(longest / fe.hop_length)
+        margin = math.ceil(fe.n_fft / fe.hop_length) * fe.hop_length
+        out = fe(
+            waves,
+            sampling_rate=fe.sampling_rate,
+            padding="max_length",
+            max_length=frames * fe.hop_length + margin,
+            truncation=False,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        return out["input_features"][..., :frames], out["attention_mask"][:, :frames]
+
+    def __call__(self, items: list[EmbedInput]) -> dict[str, torch.Tensor]:
+        texts = [self.prompts.render(item) for item in items]
+        batch: dict[str, torch.Tensor] = {}
+        waves = [item.audio for item in items if item.audio is not None]
+        if waves:
+            features, mask = self.features(waves)
+            counts = iter(audio_token_count(mask.sum(-1)).tolist())
+            texts = [
+                t.replace(AUDIO_TOKEN, AUDIO_TOKEN * next(counts)) if item.audio is not None else t
+                for t, item in zip(texts, items)
+            ]
+            batch["input_features"] = features
+            batch["feature_attention_mask"] = mask
+        enc = self.tokenizer(texts, padding=True, padding_side=self.padding_side, return_tensors="pt")
+        batch["input_ids"] = enc["input_ids"]
+        batch["attention_mask"] = enc["attention_mask"]
+        return batch
+
+
+def tiny_thinker_config(tokenizer: PreTrainedTokenizerBase, num_mel_bins: int = 20) -> Qwen2_5OmniThinkerConfig:
+    """A random-init-sized thinker of the real architecture (sizes from transformers' own tests)."""
+    ids = dict(zip(QWEN_SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(QWEN_SPECIAL_TOKENS)))
+    return Qwen2_5OmniThinkerConfig(
+        audio_config=dict(
+            d_model=32,
+            encoder_attention_heads=4,
+            encoder_ffn_dim=32,
+            encoder_layers=2,
+            num_mel_bins=num_mel_bins,
+            max_source_positions=1500,
+            n_window=100,
+            output_dim=32,
+        ),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32,
+                           fullatt_block_indexes=[0]),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [1, 1, 2]},
+            max_position_embeddings=1024,
+        ),
+        audio_token_index=ids[AUDIO_TOKEN],
+        image_token_index=ids["<|IMAGE|>"],
+        video_token_index=ids["<|VIDEO|>"],
+        audio_start_token_id=ids[AUDIO_BOS],
+        audio_end_token_id=ids[AUDIO_EOS],
+        vision_start_token_id=ids["<|vision_bos|>"],
+        vision_end_token_id=ids["<|vision_eos|>"],
+        position_id_per_seconds=25,
+        seconds_per_chunk=2,
+    )
+
+
+def tiny_components(seed: int = 0) -> tuple[Qwen2_5OmniThinkerModel, PreTrainedTokenizerBase, WhisperFeatureExtractor]:
+    """Tiny random thinker, offline tokenizer and 20-bin Whisper feature extractor."""
+    tokenizer = build_offline_tokenizer(QWEN_SPECIAL_TOKENS, pad_token="<|endoftext|>", eos_token="<|im_end|>")
+    feature_extractor = WhisperFeatureExtractor(feature_size=20, sampling_rate=16000, hop_length=160, n_fft=400)
+    torch.manual_seed(seed)
+    model = Qwen2_5OmniThinkerModel(tiny_thinker_config(tokenizer, feature_extractor.feature_size))
+    return model, tokenizer, feature_extractor
+
+
+def load_thinker(
+    name_or_path: str, dtype: torch.dtype, attn_implementation: str
+) -> tuple[Qwen2_5OmniThinkerModel, PreTrainedTokenizerBase, WhisperFeatureExtractor]:
+    """Thinker, tokenizer and feature extractor from a Qwen2.5-Omni (or thinker-only) checkpoint."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    if config.model_type == "qwen2_5_omni":  # the full Omni checkpoint nests the thinker's config
+        config = config.thinker_config
+    model = Qwen2_5OmniThinkerModel.from_pretrained(
+        name_or_path, config=config, dtype=dtype, attn_implementation=attn_implementation
+    )
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    feature_extractor = WhisperFeatureExtractor.from_pretrained(name_or_path)
+    return model, tokenizer, feature_extractor
+
+
+class QwenOmniThinker(Backbone):
+    """The thinker (audio tower + language model) of Qwen2.5-Omni, used as an encoder.
+
+    Inputs are rendered as chat prompts (:class:`PromptTemplates`; AuroLA's by default), a marker
+    token ``emb_token`` is added to the vocabulary (the embedding matrix grows only if the new id
+    does not fit), and :meth:`forward` returns the language model's last hidden states, never the
+    LM head. The vision tower is dropped by default: retrieval over audio and text never uses it.
+
+    References:
+        Xu et al., "Qwen2.5-Omni Technical Report", 2025.
+        AuroLA: "Scaling Audio-Text Retrieval with Multimodal Large Language Model", arXiv 2602.18010.
+
+    Args:
+        name_or_path: hub id or local directory of a Qwen2.5-Omni checkpoint (full Omni or
+            thinker-only), e.g. ``Qwen/Qwen2.5-Omni-3B``. Required unless ``tiny``.
+        tiny: build a tiny random thinker of the same architecture with an offline tokenizer
+            (tests and the CPU demo); ``name_or_path`` must then be ``None``.
+        dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``).
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
+        prompts: prompt templates per modality.
+        emb_token: marker token appended by the assistant turn.
+        padding_side: pad prompts on the ``left`` (as the official processor) or ``right``.
+        keep_vision_tower: keep the (unused) vision tower's weights in memory.
+        gradient_checkpointing: recompute language-model activations in the backward pass.
+        lora: LoRA adapters on the language model (its base weights are then frozen).
+        freeze_audio_encoder: freeze the audio tower and keep it in eval mode.
+        seed: random seed of the tiny model's initialisation.
+    """
+
+    sampling_rate = 16000
+
+    def __init__(
+        self,
+        name_or_path: str | None = None,
+        tiny: bool = False,
+        dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+        prompts: PromptTemplates | None = None,
+        emb_token: str = "<emb>",
+        padding_side: Literal["left", "right"] = "left",
+        keep_vision_tower: bool = False,
+        gradient_checkpointing: bool = False,
+        lora: LoraSettings | None = None,
+        freeze_audio_encoder: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if tiny == (name_or_path is not None):
+            raise ValueError("QwenOmniThinker needs exactly one of name_or_path or tiny=True")
+        if tiny:
+            model, tokenizer, feature_extractor = tiny_components(seed)
+        else:
+            model, tokenizer, feature_extractor = load_thinker(name_or_path, getattr(torch, dtype), attn_implementation)
+        model = model.to(getattr(torch, dtype))
+        if not keep_vision_tower:
+            del model.visual
+        tokenizer.add_tokens([emb_token], special_tokens=True)
+        self.emb_token_id = tokenizer.convert_tokens_to_ids(emb_token)
+        if self.emb_token_id >= model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        if gradient_checkpointing:
+            model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora is not None:
+            add_lora(model.language_model, lora)
+        if freeze_audio_encoder:
+            freeze(model.audio_tower)
+            self.frozen_in_eval.append("model.audio_tower")
+        self.model = model
+        self.hidden_size = model.config.text_config.hidden_size
+        self._collator = QwenOmniCollator(tokenizer, feature_extractor, prompts or PromptTemplates(), padding_side)
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.language_model
+
+    @property
+    def audio_encoder(self) -> torch.nn.Module:
+        return self.model.audio_tower
+
+    def collator(self) -> QwenOmniCollator:
+        return self._collator
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> BackboneOutput:
+        out = self.model(**inputs, use_cache=False)
+        return BackboneOutput(out.last_hidden_state, inputs["attention_mask"], inputs["input_ids"], self.emb_token_id)

@@ -1,0 +1,36 @@
+"""What one side of a retrieval pair looks like before the backbone's collator sees it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class EmbedInput:
+    """One thing to embed: text, audio, or both, with an optional instruction.
+
+    ``audio`` is a mono float32 waveform already at the backbone's sampling rate (the datamodule
+    decodes and resamples). Which prompt template a backbone uses follows from which fields are set.
+    """
+
+    text: str | None = None
+    audio: np.ndarray | None = None
+    instruction: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.text is None and self.audio is None:
+            raise ValueError("EmbedInput needs text, audio or both")
+        if self.audio is not None and (self.audio.ndim != 1 or self.audio.dtype != np.float32):
+            raise ValueError(
+                f"EmbedInput.audio must be a 1-D float32 waveform, got shape {self.audio.shape} "
+                f"dtype {self.audio.dtype}"
+            )
+
+    @property
+    def modality(self) -> str:
+        """``"audio"``, ``"text"`` or ``"audio_text"``."""
+        if self.audio is not None and self.text is not None:
+            return "audio_text"
+        return "audio" if self.audio is not None else "text"

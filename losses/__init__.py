@@ -1,0 +1,31 @@
+"""Contrastive losses, false-negative maskers and the cross-process gather (one loss per file)."""
+
+from losses.base import ContrastiveLoss, LossOutput, SimilarityLoss, Temperature, validate_inputs
+from losses.distributed import GatheredBatch, GatherMode, gather_batch
+from losses.hybrid_nce import HybridNCE
+from losses.infonce import InfoNCE
+from losses.maskers import DuplicateMasker, FalseNegativeMasker, GuideModelMasker, MarginMasker
+from losses.matryoshka import Matryoshka
+from losses.structure import Direction, Structure
+from losses.tag_clusters import TagClusterMap
+
+__all__ = [
+    "ContrastiveLoss",
+    "Direction",
+    "DuplicateMasker",
+    "FalseNegativeMasker",
+    "GatherMode",
+    "GatheredBatch",
+    "GuideModelMasker",
+    "HybridNCE",
+    "InfoNCE",
+    "LossOutput",
+    "MarginMasker",
+    "Matryoshka",
+    "SimilarityLoss",
+    "Structure",
+    "TagClusterMap",
+    "Temperature",
+    "gather_batch",
+    "validate_inputs",
+]

@@ -1,0 +1,58 @@
+"""Command-line entry point: ``python main.py {fit,validate,test,predict} --config configs/<recipe>.yaml``.
+
+The packages are imported so that configs can name classes by their short name
+(``class_path: QwenOmniThinker``, ``class_path: InfoNCE``, ...).
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+import callbacks  # noqa: F401
+import datamodules  # noqa: F401
+import lightning_modules  # noqa: F401
+import losses  # noqa: F401
+from callbacks import RetrievalReport
+from datamodules import RetrievalDataModule
+from lightning_modules import EmbeddingModule
+
+
+class EmbeddingCLI(LightningCLI):
+    """LightningCLI with the project's always-on callbacks and an optional test after ``fit``."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/t2a/R@1",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-{epoch}-{step}",
+            }
+        )
+        parser.add_lightning_class_args(RetrievalReport, "report")
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="After fit, run the test split with the best checkpoint (the demo does).",
+        )
+
+    def after_fit(self) -> None:
+        if self.config[self.subcommand].get("test_after_fit"):
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
+
+
+def main(args: list[str] | None = None) -> EmbeddingCLI:
+    return EmbeddingCLI(
+        EmbeddingModule,
+        RetrievalDataModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,342 @@
+"""AudioTextRetrieval against a brute-force reference, hand-worked values, dedup and DDP gathering."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lightning_modules import metrics
+from lightning_modules.metrics import AudioTextRetrieval, retrieval_metrics
+
+KEYS = [f"{d}/{m}" for d in ("t2a", "a2t") for m in ("R@1", "R@5", "R@10", "mAP@10", "medr", "meanr")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Brute-force reference: Python loops, float64 scores, ranking by an explicit sort key.
+# ---------------------------------------------------------------------------------------------
+
+
+def _ranked(candidates, score, relevant, tie_index):
+    """Candidates best first. Among equal scores irrelevant ones go first (pessimistic), and tied
+    relevant ones follow ``tie_index``."""
+    return sorted(candidates, key=lambda j: (-score[j], j in relevant, tie_index[j]))
+
+
+def _summary(best_ranks, average_precisions):
+    out = {f"R@{k}": 100 * sum(r <= k for r in best_ranks) / len(best_ranks) for k in (1, 5, 10)}
+    out["mAP@10"] = 100 * sum(average_precisions) / len(average_precisions)
+    out["medr"] = math.floor(statistics.median(best_ranks))
+    out["meanr"] = sum(best_ranks) / len(best_ranks)
+    return out
+
+
+def reference(audio_emb, audio_ids, text_emb, text_ids, text_keys, sort_ranks=True):
+    """Protocol of DESIGN.md section 5 written as directly as possible.
+
+    ``sort_ranks=False`` reproduces the LAION-CLAP mistake of pairing hit counts with captions in
+    annotation (key) order instead of rank order.
+    """
+    scores = (text_emb.double() @ audio_emb.double().T).tolist()  # [caption][audio]
+    audio_ids, text_ids, text_keys = audio_ids.tolist(), text_ids.tolist(), text_keys.tolist()
+    audios, texts = range(len(audio_ids)), range(len(text_ids))
+
+    t2a_ranks = []
+    for q in texts:
+        relevant = {i for i in audios if audio_ids[i] == text_ids[q]}
+        assert len(relevant) == 1
+        order = _ranked(audios, scores[q], relevant, list(audios))
+        t2a_ranks.append(order.index(next(iter(relevant))) + 1)
+    t2a = _summary(t2a_ranks, [1 / r if r <= 10 else 0.0 for r in t2a_ranks])
+
+    best, aps = [], []
+    for a in audios:
+        column = [scores[j][a] for j in texts]
+        relevant = {j for j in texts if text_ids[j] == audio_ids[a]}
+        order = _ranked(texts, column, relevant, text_keys)
+        ranks = [order.index(j) + 1 for j in sorted(relevant, key=lambda j: text_keys[j])]
+        if sort_ranks:
+            ranks = sorted(ranks)
+        aps.append(sum((i + 1) / r for i, r in enumerate(ranks) if r <= 10) / len(ranks))
+        best.append(min(ranks))
+    a2t = _summary(best, aps)
+    return {**{f"t2a/{k}": v for k, v in t2a.items()}, **{f"a2t/{k}": v for k, v in a2t.items()}}
+
+
+def assert_matches(result, expected):
+    assert sorted(result) == sorted(KEYS)
+    for key in KEYS:
+        assert result[key].dtype == torch.float32 and result[key].ndim == 0
+        assert result[key].item() == pytest.approx(expected[key], abs=1e-4), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def make_dataset(num_audio, dim, captions, generator, levels=None, duplicate_rows=0):
+    """Random retrieval set with ``captions`` = (low, high) captions per audio.
+
+    With ``levels`` the embeddings take values in {-1, ..., 1} / levels: every dot product is then
+    exact in float32 and float64 alike, so ties are real ties in both the metric and the reference
+    (these vectors are not unit-norm, which the ranking does not need). ``duplicate_rows`` copies
+    that many caption rows over others to force ties between whole candidates.
+    """
+    audio_ids = torch.randperm(10 * num_audio, generator=generator)[:num_audio]
+    counts = torch.randint(captions[0], captions[1] + 1, (num_audio,), generator=generator)
+    text_ids = audio_ids.repeat_interleave(counts)
+    text_keys = text_ids * 1000 + torch.cat([torch.arange(int(c)) for c in counts])
+    num_text = text_ids.numel()
+
+    def embed(n):
+        if levels is None:
+            return torch.nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=-1)
+        return torch.randint(-levels, levels + 1, (n, dim), generator=generator).float() / levels
+
+    audio_emb, text_emb = embed(num_audio), embed(num_text)
+    if duplicate_rows:
+        src = torch.randint(0, num_text, (duplicate_rows,), generator=generator)
+        dst = torch.randint(0, num_text, (duplicate_rows,), generator=generator)
+        text_emb[dst] = text_emb[src]
+        audio_emb[dst % num_audio] = audio_emb[src % num_audio]
+    # Shuffle captions so nothing relies on them arriving grouped by clip.
+    perm = torch.randperm(num_text, generator=generator)
+    return audio_emb, audio_ids, text_emb[perm], text_ids[perm], text_keys[perm]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_matches_reference_on_random_unit_vectors(seed):
+    g = torch.Generator().manual_seed(seed)
+    data = make_dataset(num_audio=40, dim=16, captions=(5, 5), generator=g)
+    assert_matches(retrieval_metrics(*data, chunk_size=7), reference(*data))
+
+
+@pytest.fixture(params=["compare", "sort"])
+def counting(request, monkeypatch):
+    """Run a test through both ways of counting candidates that score >= a relevant item."""
+    if request.param == "sort":
+        monkeypatch.setattr(metrics, "COMPARE_MAX_SLOTS", 0)
+    return request.param
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("levels,duplicate_rows", [(1, 0), (2, 0), (4, 30)])
+def test_matches_reference_with_many_ties_and_varying_captions(seed, levels, duplicate_rows, counting):
+    g = torch.Generator().manual_seed(100 + seed)
+    # dim 3 with values in {-1, 0, 1} gives only a handful of distinct scores: ties everywhere.
+    data = make_dataset(30, 3, (1, 5), g, levels=levels, duplicate_rows=duplicate_rows)
+    assert_matches(retrieval_metrics(*data, chunk_size=8), reference(*data))
+
+
+def test_matches_reference_with_many_captions_per_clip():
+    # Up to 12 captions per clip exceeds COMPARE_MAX_SLOTS, so the sort-based count runs unpatched.
+    g = torch.Generator().manual_seed(150)
+    data = make_dataset(15, 2, (1, 12), g, levels=1, duplicate_rows=10)
+    assert torch.unique(data[3], return_counts=True)[1].max() > metrics.COMPARE_MAX_SLOTS
+    assert_matches(retrieval_metrics(*data, chunk_size=4), reference(*data))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_matches_reference_on_tiny_sets(seed, counting):
+    # Fewer than 10 candidates: padding slots of short caption lists must not count towards mAP@10.
+    g = torch.Generator().manual_seed(200 + seed)
+    data = make_dataset(int(torch.randint(1, 4, (1,), generator=g)), 2, (1, 4), g, levels=1)
+    assert_matches(retrieval_metrics(*data), reference(*data))
+
+
+def hand_example():
+    """2 audios x 4 captions. Audio 0 = (1, 0) and audio 1 = (0, 1), so a caption (x, y) scores x
+    against audio 0 and y against audio 1. Captions 0, 1 describe audio 0 (id 10), captions 2, 3
+    describe audio 1 (id 20). Dyadic values keep every score exact."""
+    audio_emb = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    audio_ids = torch.tensor([10, 20])
+    text_emb = torch.tensor([[0.25, 0.75], [1.0, 0.5], [0.5, 0.5], [0.25, 0.5]])
+    text_ids = torch.tensor([10, 10, 20, 20])
+    text_keys = torch.tensor([0, 1, 2, 3])
+    return audio_emb, audio_ids, text_emb, text_ids, text_keys
+
+
+def test_hand_worked_example():
+    # T2A (query caption -> rank of its audio):
+    #   c0 (0.25 vs 0.75) -> 2;  c1 (1.0 vs 0.5) -> 1;  c2 (0.5 vs 0.5, tie, pessimistic) -> 2;
+    #   c3 (0.25 vs 0.5) -> 1.  Ranks [2, 1, 2, 1]:
+    #   R@1 = 50, R@5 = R@10 = 100, mAP@10 = mean(1/2, 1, 1/2, 1) = 75, medr = floor(1.5) = 1,
+    #   meanr = 1.5.
+    # A2T:
+    #   audio 0 scores [0.25, 1.0, 0.5, 0.25]; relevant c0, c1. c1 -> 1. c0 -> 1 + irrelevant >= 0.25
+    #     (c2, and c3 by the tie) + relevant above (c1) = 4. Sorted ranks [1, 4]:
+    #     AP = (1/1 + 2/4) / 2 = 0.75.
+    #   audio 1 scores [0.75, 0.5, 0.5, 0.5]; relevant c2, c3 tie with each other and with
+    #     irrelevant c1. Both come after c0 and c1 (2 irrelevant >= 0.5); c2 before c3 by key:
+    #     ranks [3, 4]. AP = (1/3 + 2/4) / 2 = 5/12.
+    #   Best ranks [1, 3]: R@1 = 50, R@5 = R@10 = 100, mAP@10 = (3/4 + 5/12) / 2 * 100 = 175/3,
+    #   medr = floor(2) = 2, meanr = 2.
+    expected = {
+        "t2a/R@1": 50.0, "t2a/R@5": 100.0, "t2a/R@10": 100.0, "t2a/mAP@10": 75.0,
+        "t2a/medr": 1.0, "t2a/meanr": 1.5,
+        "a2t/R@1": 50.0, "a2t/R@5": 100.0, "a2t/R@10": 100.0, "a2t/mAP@10": 175 / 3,
+        "a2t/medr": 2.0, "a2t/meanr": 2.0,
+    }  # fmt: skip
+    data = hand_example()
+    assert_matches(retrieval_metrics(*data), expected)
+    assert reference(*data) == pytest.approx(expected)
+    metric = AudioTextRetrieval()
+    metric.update(*data)
+    assert_matches(metric.compute(), expected)
+
+
+def test_map_sorts_relevant_ranks():
+    # In the hand example audio 0's captions rank [4, 1] in key order. Pairing hit counts with that
+    # order (LAION-CLAP) gives AP = (1/4 + 2/1) / 2 = 1.125 instead of 0.75, so a2t mAP@10 would be
+    # (1.125 + 5/12) / 2 * 100 = 77.08 rather than 58.33.
+    data = hand_example()
+    unsorted = reference(*data, sort_ranks=False)["a2t/mAP@10"]
+    assert unsorted == pytest.approx((1.125 + 5 / 12) / 2 * 100)
+    assert retrieval_metrics(*data)["a2t/mAP@10"].item() == pytest.approx(175 / 3, abs=1e-4)
+    assert abs(unsorted - 175 / 3) > 10
+
+
+def test_all_scores_tied_is_worst_case():
+    # Every caption scores the same against every audio: pessimistic ranks put each relevant item
+    # behind all irrelevant ones. 3 audios with 1, 2 and 4 captions (7 in all).
+    audio_emb = torch.ones(3, 4) / 2
+    audio_ids = torch.tensor([0, 1, 2])
+    text_ids = torch.tensor([0, 1, 1, 2, 2, 2, 2])
+    text_emb = torch.ones(7, 4) / 2
+    result = retrieval_metrics(audio_emb, audio_ids, text_emb, text_ids, torch.arange(7))
+    # T2A: each caption's audio is behind the 2 other audios -> rank 3 for all.
+    assert result["t2a/R@1"] == 0 and result["t2a/R@5"] == 100 and result["t2a/medr"] == 3
+    assert result["t2a/mAP@10"].item() == pytest.approx(100 / 3, abs=1e-4)
+    # A2T: relevant captions take the last n_rel places of 7 -> ranks {7}, {6, 7}, {4, 5, 6, 7}.
+    # AP: 1/7;  (1/6 + 2/7) / 2;  (1/4 + 2/5 + 3/6 + 4/7) / 4.  Best ranks 7, 6, 4.
+    aps = [1 / 7, (1 / 6 + 2 / 7) / 2, (1 / 4 + 2 / 5 + 3 / 6 + 4 / 7) / 4]
+    assert result["a2t/mAP@10"].item() == pytest.approx(100 * sum(aps) / 3, abs=1e-4)
+    assert result["a2t/R@1"] == 0 and result["a2t/R@5"] == pytest.approx(100 / 3)
+    assert result["a2t/medr"] == 6 and result["a2t/meanr"].item() == pytest.approx(17 / 3)
+
+
+def test_chunk_size_does_not_change_results(counting):
+    g = torch.Generator().manual_seed(7)
+    data = make_dataset(37, 4, (1, 5), g, levels=2, duplicate_rows=10)
+    full = retrieval_metrics(*data, chunk_size=1024)
+    for chunk_size in (1, 2, 5, 36, 37, 38):
+        result = retrieval_metrics(*data, chunk_size=chunk_size)
+        assert all(torch.equal(result[k], full[k]) for k in KEYS), chunk_size
+
+
+def test_invariant_to_input_order():
+    g = torch.Generator().manual_seed(8)
+    audio_emb, audio_ids, text_emb, text_ids, text_keys = make_dataset(25, 3, (1, 5), g, levels=1)
+    pa, pt = torch.randperm(25, generator=g), torch.randperm(text_ids.numel(), generator=g)
+    a = retrieval_metrics(audio_emb, audio_ids, text_emb, text_ids, text_keys)
+    b = retrieval_metrics(audio_emb[pa], audio_ids[pa], text_emb[pt], text_ids[pt], text_keys[pt])
+    assert all(torch.equal(a[k], b[k]) for k in KEYS)
+
+
+def test_metric_deduplicates_repeated_audios_and_captions():
+    g = torch.Generator().manual_seed(9)
+    audio_emb, audio_ids, text_emb, text_ids, text_keys = make_dataset(20, 3, (1, 5), g, levels=1)
+    expected = retrieval_metrics(audio_emb, audio_ids, text_emb, text_ids, text_keys)
+
+    metric = AudioTextRetrieval(chunk_size=6)
+    metric.update(audio_emb, audio_ids, text_emb, text_ids, text_keys)
+    # Repeats as a padded sampler would send them; the text-only and audio-only updates also check
+    # that an update may carry one side only.
+    metric.update(audio_emb[:3], audio_ids[:3], text_emb[:0], text_ids[:0], text_keys[:0])
+    metric.update(audio_emb[:0], audio_ids[:0], text_emb[-4:], text_ids[-4:], text_keys[-4:])
+    result = metric.compute()
+    assert all(torch.equal(result[k], expected[k]) for k in KEYS)
+
+    # Without dedup the repeats would change the numbers (extra, tied candidates).
+    with pytest.raises(ValueError, match="unique"):
+        retrieval_metrics(
+            torch.cat([audio_emb, audio_emb[:3]]), torch.cat([audio_ids, audio_ids[:3]]),
+            text_emb, text_ids, text_keys,
+        )  # fmt: skip
+
+
+def test_metric_accumulates_batches_and_resets():
+    g = torch.Generator().manual_seed(10)
+    audio_emb, audio_ids, text_emb, text_ids, text_keys = make_dataset(12, 8, (2, 5), g)
+    metric = AudioTextRetrieval()
+    for part in torch.arange(12).chunk(4):
+        captions = torch.isin(text_ids, audio_ids[part])
+        metric.update(
+            audio_emb[part].bfloat16(), audio_ids[part],
+            text_emb[captions].bfloat16(), text_ids[captions], text_keys[captions],
+        )  # fmt: skip
+    # bfloat16 storage is scored in float32: same result as feeding the rounded values directly.
+    rounded = audio_emb.bfloat16().float(), audio_ids, text_emb.bfloat16().float(), text_ids
+    expected = retrieval_metrics(*rounded, text_keys)
+    result = metric.compute()
+    assert all(torch.equal(result[k], expected[k]) for k in KEYS)
+    metric.reset()
+    metric.update(*hand_example())
+    assert metric.compute()["a2t/mAP@10"].item() == pytest.approx(175 / 3, abs=1e-4)
+
+
+def test_rejects_inconsistent_inputs():
+    audio_emb, audio_ids, text_emb, text_ids, text_keys = hand_example()
+    with pytest.raises(ValueError, match="without an audio"):
+        retrieval_metrics(audio_emb[:1], audio_ids[:1], text_emb, text_ids, text_keys)
+    with pytest.raises(ValueError, match="without any caption"):
+        retrieval_metrics(audio_emb, audio_ids, text_emb[:2], text_ids[:2], text_keys[:2])
+    with pytest.raises(ValueError, match="unique"):
+        retrieval_metrics(audio_emb, audio_ids, text_emb, text_ids, torch.tensor([0, 1, 2, 2]))
+    with pytest.raises(ValueError, match="NaN"):
+        retrieval_metrics(audio_emb, audio_ids, text_emb.clone().fill_(float("nan")), text_ids)
+    with pytest.raises(ValueError, match="text_keys"):
+        AudioTextRetrieval().update(audio_emb, audio_ids, text_emb, text_ids, text_keys[:2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Two gloo processes: gathered compute == single-process compute on everything.
+# ---------------------------------------------------------------------------------------------
+
+WORLD_SIZE = 2
+
+
+def _ddp_dataset():
+    return make_dataset(13, 4, (1, 5), torch.Generator().manual_seed(11), levels=2, duplicate_rows=5)
+
+
+def _ddp_worker(rank, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        audio_emb, audio_ids, text_emb, text_ids, text_keys = _ddp_dataset()
+        # DistributedSampler(drop_last=False) pads 13 clips to 14 by repeating clip 0, so rank 1
+        # sees clip 0 (audio and captions) a second time.
+        clips = list(range(13)) + [0]
+        mine = torch.tensor(clips[rank::WORLD_SIZE])
+        metric = AudioTextRetrieval(chunk_size=5)
+        for batch in mine.chunk(3):
+            captions = torch.isin(text_ids, audio_ids[batch])
+            metric.update(
+                audio_emb[batch], audio_ids[batch],
+                text_emb[captions], text_ids[captions], text_keys[captions],
+            )  # fmt: skip
+        result = metric.compute()
+        if rank == 0:
+            torch.save(result, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gather_equals_single_process(tmp_path):
+    out_file = tmp_path / "result.pt"
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(out_file)), nprocs=WORLD_SIZE)
+    gathered = torch.load(out_file)
+    data = _ddp_dataset()
+    expected = retrieval_metrics(*data)
+    assert all(torch.equal(gathered[k], expected[k]) for k in KEYS)
+    assert_matches(gathered, reference(*data))

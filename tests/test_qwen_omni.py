@@ -1,0 +1,183 @@
+"""Qwen2.5-Omni thinker backbone: prompts, collation, placeholder counts and the real loading path."""
+
+import importlib.util
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import Qwen2_5OmniConfig
+
+from lightning_modules.backbones.qwen_omni import (
+    AUDIO_TOKEN,
+    PromptTemplates,
+    QwenOmniThinker,
+    audio_token_count,
+    tiny_components,
+)
+from lightning_modules.inputs import EmbedInput
+from lightning_modules.poolers import EmbTokenPooler
+
+RATE = 16000
+
+
+def wave(seconds: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (0.1 * rng.standard_normal(int(seconds * RATE))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return QwenOmniThinker(tiny=True).eval()
+
+
+def test_placeholder_formula_matches_audio_tower(backbone):
+    tower = backbone.model
+    for frames in [1, 2, 3, 4, 5, 7, 99, 100, 101, 199, 200, 201, 333, 1000]:
+        features = torch.randn(1, 20, frames)
+        mask = torch.ones(1, frames, dtype=torch.long)
+        with torch.no_grad():
+            out = tower.get_audio_features(features, mask).last_hidden_state
+        assert out.shape[0] == audio_token_count(frames), frames
+        assert audio_token_count(frames) == ((frames - 1) // 2 + 1 - 2) // 2 + 1
+
+
+def test_collator_counts_and_wraps_audio_placeholders(backbone):
+    collate = backbone.collator()
+    tokenizer = collate.tokenizer
+    items = [EmbedInput(audio=wave(1.3)), EmbedInput(audio=wave(0.51, 1), text="a low hum"), EmbedInput(text="x")]
+    batch = collate(items)
+    audio_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+    frames = [math.ceil(1.3 * RATE / 160), math.ceil(0.51 * RATE / 160)]
+    assert batch["feature_attention_mask"].sum(-1).tolist() == frames
+    assert batch["input_features"].shape == (2, 20, max(frames))
+    counts = (batch["input_ids"] == audio_id).sum(-1).tolist()
+    assert counts == [audio_token_count(frames[0]), audio_token_count(frames[1]), 0]
+    bos, eos = tokenizer.convert_tokens_to_ids(["<|audio_bos|>", "<|audio_eos|>"])
+    for row in batch["input_ids"][:2].tolist():
+        first, last = row.index(audio_id), len(row) - 1 - row[::-1].index(audio_id)
+        assert row[first - 1] == bos and row[last + 1] == eos
+    # left padding (the official processor's default): the last column is real for every row
+    assert batch["attention_mask"][:, -1].all()
+
+
+def test_features_padded_to_longest_equal_official_30s_padding(backbone):
+    collate = backbone.collator()
+    waves = [wave(2.0), wave(0.7, 1), wave(1.234, 2)]
+    features, mask = collate.features(waves)
+    official = collate.feature_extractor(
+        waves, sampling_rate=RATE, padding="max_length", return_attention_mask=True, return_tensors="pt"
+    )
+    assert official["input_features"].shape[-1] == 3000
+    assert features.shape[-1] == 200
+    for i, w in enumerate(waves):
+        valid = int(mask[i].sum())
+        assert valid == int(official["attention_mask"][i].sum())
+        torch.testing.assert_close(features[i, :, :valid], official["input_features"][i, :, :valid])
+
+
+def test_prompt_matches_aurola_chat_format():
+    p = PromptTemplates()
+    text = p.render(EmbedInput(text="dogs bark"))
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\ndogs bark\nSummarize above sentence in one word:<|im_end|>\n"
+        "<|im_start|>assistant\n<emb>.<|im_end|>\n"
+    )
+    audio = p.render(EmbedInput(audio=wave(0.1)))
+    assert "<|audio_bos|><|AUDIO|><|audio_eos|>Summarize above audio in one word:" in audio
+    both = p.render(EmbedInput(audio=wave(0.1), text="dogs"))
+    assert "<|audio_eos|>dogs\nSummarize above audio and sentence in one word:" in both
+    custom = PromptTemplates(system=None, text="query: {instruction}{text}", assistant="")
+    assert custom.render(EmbedInput(text="t", instruction="I: ")).startswith("<|im_start|>user\nquery: I: t<")
+
+
+def test_emb_pooler_reads_state_before_marker(backbone):
+    batch = backbone.collator()([EmbedInput(text="a high beep"), EmbedInput(audio=wave(0.8))])
+    with torch.no_grad():
+        out = backbone(batch)
+    pooled = EmbTokenPooler()(out)
+    ids = batch["input_ids"].tolist()
+    for b in range(2):
+        pos = ids[b].index(backbone.emb_token_id) - 1
+        torch.testing.assert_close(pooled[b], out.hidden_states[b, pos])
+
+
+def test_padded_batch_equals_single_items(backbone):
+    items = [EmbedInput(audio=wave(1.5)), EmbedInput(audio=wave(0.6, 3)), EmbedInput(text="two short clicks")]
+    collate = backbone.collator()
+    with torch.no_grad():
+        batched = EmbTokenPooler()(backbone(collate(items)))
+        singles = torch.cat([EmbTokenPooler()(backbone(collate([it]))) for it in items])
+    torch.testing.assert_close(batched, singles, atol=1e-5, rtol=1e-4)
+
+
+def _save_official_layout(directory: str) -> tuple:
+    """Write a tiny thinker as the full Qwen2.5-Omni checkpoints are laid out (``thinker.`` prefix,
+    ``thinker.model.`` for the language model, ``thinker.lm_head``, plus talker weights to ignore)."""
+    model, tokenizer, feature_extractor = tiny_components(seed=3)
+    state = {}
+    for key, value in model.state_dict().items():
+        key = key.replace("language_model.", "model.", 1) if key.startswith("language_model.") else key
+        state["thinker." + key] = value.contiguous()
+    state["thinker.lm_head.weight"] = model.language_model.embed_tokens.weight.detach().clone()
+    state["talker.model.norm.weight"] = torch.ones(4)
+    save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    Qwen2_5OmniConfig(thinker_config=model.config.to_dict()).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    feature_extractor.save_pretrained(directory)
+    return model, tokenizer, feature_extractor
+
+
+def test_real_loading_path_reads_full_omni_checkpoint(tmp_path):
+    reference, _, _ = _save_official_layout(str(tmp_path))
+    loaded = QwenOmniThinker(name_or_path=str(tmp_path)).eval()
+    tiny = QwenOmniThinker(tiny=True, seed=3).eval()
+    items = [EmbedInput(audio=wave(1.1)), EmbedInput(text="a rising chirp then a click")]
+    batch_loaded = loaded.collator()(items)
+    batch_tiny = tiny.collator()(items)
+    assert torch.equal(batch_loaded["input_ids"], batch_tiny["input_ids"])
+    for key, value in reference.state_dict().items():
+        if key.startswith("visual.") or key == "language_model.embed_tokens.weight":
+            continue
+        torch.testing.assert_close(loaded.model.state_dict()[key], value, msg=key)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch_loaded).hidden_states, tiny(batch_tiny).hidden_states)
+
+
+def test_exactly_one_source_required():
+    with pytest.raises(ValueError, match="exactly one"):
+        QwenOmniThinker()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="the official processor needs torchvision")
+def test_parity_with_official_processor(backbone):
+    from transformers import Qwen2_5OmniProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    collate = backbone.collator()
+    tokenizer = collate.tokenizer
+    for name, token in [
+        ("audio_token", "<|AUDIO|>"), ("image_token", "<|IMAGE|>"), ("video_token", "<|VIDEO|>"),
+        ("audio_bos_token", "<|audio_bos|>"), ("audio_eos_token", "<|audio_eos|>"),
+        ("vision_bos_token", "<|vision_bos|>"), ("vision_eos_token", "<|vision_eos|>"),
+    ]:
+        setattr(tokenizer, name, token)
+        setattr(tokenizer, name + "_id", tokenizer.convert_tokens_to_ids(token))
+    processor = Qwen2_5OmniProcessor(
+        image_processor=Qwen2VLImageProcessor(), video_processor=Qwen2VLVideoProcessor(),
+        feature_extractor=collate.feature_extractor, tokenizer=tokenizer,
+    )
+    items = [EmbedInput(audio=wave(1.7)), EmbedInput(audio=wave(0.9, 5))]
+    ours = collate(items)
+    official = processor(
+        text=[collate.prompts.render(it) for it in items], audio=[it.audio for it in items],
+        padding=True, return_tensors="pt",
+    )
+    assert torch.equal(ours["input_ids"], official["input_ids"])
+    assert torch.equal(ours["attention_mask"], official["attention_mask"])
+    for i in range(len(items)):
+        valid = int(ours["feature_attention_mask"][i].sum())
+        assert valid == int(official["feature_attention_mask"][i].sum())
+        torch.testing.assert_close(ours["input_features"][i, :, :valid], official["input_features"][i, :, :valid])
