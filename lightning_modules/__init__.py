@@ -1,6 +1,6 @@
 """Model side: backbones, poolers, heads, metrics and the EmbeddingModule that composes them."""
 
-from lightning_modules.backbones import Backbone, BackboneOutput
+from lightning_modules.backbones import Backbone, BackboneOutput, MiDashengLMBackbone
 from lightning_modules.backbones.qwen_omni import PromptTemplates, QwenOmniThinker
 from lightning_modules.heads import Head, IdentityHead, LinearHead, MLPHead, ModalityHeads
 from lightning_modules.inputs import EmbedInput
@@ -19,6 +19,7 @@ __all__ = [
     "LinearHead",
     "MLPHead",
     "MeanPooler",
+    "MiDashengLMBackbone",
     "ModalityHeads",
     "Pooler",
     "PromptTemplates",

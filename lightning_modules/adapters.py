@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 
@@ -38,7 +37,9 @@ class LoraSettings:
     compute_dtype: str = "bfloat16"
     quant_storage_dtype: str = "uint8"
 
-    def peft_config(self) -> LoraConfig:
+    def peft_config(self):
+        from peft import LoraConfig  # peft pulls in bitsandbytes; import only when LoRA is used
+
         return LoraConfig(
             r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=list(self.target_modules)
         )
@@ -57,6 +58,8 @@ class LoraSettings:
 
 def add_lora(language_model: nn.Module, settings: LoraSettings) -> None:
     """Inject LoRA adapters into ``language_model`` in place and freeze its other weights."""
+    from peft import inject_adapter_in_model
+
     inject_adapter_in_model(settings.peft_config(), language_model)
     for name, param in language_model.named_parameters():
         param.requires_grad = "lora_" in name

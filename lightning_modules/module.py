@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -12,10 +14,11 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_modules.backbones.base import Backbone
 from lightning_modules.collate import PairCollator
+from lightning_modules.grad_cache import RngState, split_inputs
 from lightning_modules.heads import Head, IdentityHead
 from lightning_modules.metrics import AudioTextRetrieval
 from lightning_modules.poolers import Pooler
-from losses.base import ContrastiveLoss
+from losses.base import ContrastiveLoss, LossOutput
 from losses.infonce import InfoNCE
 
 
@@ -50,6 +53,10 @@ class EmbeddingModule(LightningModule):
         betas: AdamW betas.
         warmup_steps: linear warm-up steps from 0 to ``learning_rate``.
         min_lr_ratio: final learning rate of the cosine decay as a fraction of the peak.
+        grad_cache_chunk_size: embed the batch in chunks of this many items with GradCache (Gao
+            et al., 2021): a large contrastive batch at the activation memory of one chunk, with
+            the same gradients as the plain step. Uses manual optimisation, so the trainer's
+            ``accumulate_grad_batches`` and ``gradient_clip_val`` must stay unset. ``None``: off.
     """
 
     def __init__(
@@ -63,9 +70,13 @@ class EmbeddingModule(LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
+        grad_cache_chunk_size: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "pooler", "head", "loss"])
+        if grad_cache_chunk_size is not None and grad_cache_chunk_size < 1:
+            raise ValueError(f"grad_cache_chunk_size must be positive, got {grad_cache_chunk_size}")
+        self.automatic_optimization = grad_cache_chunk_size is None
         self.backbone = backbone
         self.pooler = pooler
         self.head = head if head is not None else IdentityHead()
@@ -91,16 +102,72 @@ class EmbeddingModule(LightningModule):
             "clip_ids": batch["query_index"],
             "texts": batch["texts"],
             "caption_kinds": batch["caption_kinds"],
-            "tags": batch["tags"],
         }
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if not self.automatic_optimization:
+            return self.grad_cache_step(batch)
         query, document = self.embed_batch(batch)
         out = self.loss(query, document, **self.loss_structure(batch))
-        batch_size = query.shape[0]
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch_size)
-        self.log_dict({f"train/{k}": v for k, v in out.logs.items()}, batch_size=batch_size)
+        self._log_train(out, query.shape[0])
         return out.loss
+
+    def _log_train(self, out: LossOutput, batch_size: int) -> None:
+        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/{k}": v for k, v in out.logs.items()}, batch_size=batch_size)
+
+    def grad_cache_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        """One optimiser step with GradCache (manual optimisation)."""
+        no_sync = getattr(self.trainer.strategy, "block_backward_sync", nullcontext)
+
+        def backward(tensor: torch.Tensor, sync: bool) -> None:
+            # Under DDP only the last backward of the step all-reduces the accumulated gradients.
+            with nullcontext() if sync else no_sync():
+                self.manual_backward(tensor)
+
+        out = self.grad_cache_backward(batch, backward)
+        optimizer = self.optimizers()
+        optimizer.step()
+        optimizer.zero_grad()
+        self.lr_schedulers().step()
+        self._log_train(out, batch["query_index"].shape[0])
+        return out.loss.detach()
+
+    def grad_cache_backward(
+        self, batch: dict[str, Any], backward: Callable[[torch.Tensor, bool], None]
+    ) -> LossOutput:
+        """Accumulate the gradients of the full-batch loss chunk by chunk (Gao et al., 2021).
+
+        1. Embed each side in chunks without a graph, remembering each chunk's RNG state.
+        2. Compute the loss on the cached embeddings; backpropagate to them (and to τ).
+        3. Re-embed each chunk with a graph under its remembered RNG state and backpropagate the
+           cached embedding gradients through it.
+
+        ``backward(tensor, sync)`` runs one backward pass; ``sync`` is true only for the last.
+        """
+        size = self.hparams.grad_cache_chunk_size
+        sides = [("query", batch["query_modality"]), ("document", batch["document_modality"])]
+        chunks = {side: split_inputs(batch[side], size) for side, _ in sides}
+        states: dict[str, list[RngState]] = {side: [] for side, _ in sides}
+        cached = {}
+        with torch.no_grad():
+            for side, modality in sides:
+                parts = []
+                for chunk in chunks[side]:
+                    states[side].append(RngState.capture())
+                    parts.append(self.embed(chunk, modality))
+                cached[side] = torch.cat(parts).requires_grad_()
+        out = self.loss(cached["query"], cached["document"], **self.loss_structure(batch))
+        backward(out.loss, False)
+        replays = [
+            (chunk, state, grad, modality)
+            for side, modality in sides
+            for chunk, state, grad in zip(chunks[side], states[side], cached[side].grad.split(size))
+        ]
+        for i, (chunk, state, grad, modality) in enumerate(replays):
+            state.restore()
+            backward((self.embed(chunk, modality) * grad).sum(), i == len(replays) - 1)
+        return out
 
     def _eval_step(self, batch: dict[str, Any], metric: AudioTextRetrieval) -> None:
         query, document = self.embed_batch(batch)

@@ -106,8 +106,8 @@ def check_positive_mask(mask: Any, rows: int, cols: int, name: str = "positive_m
 
 def _check_list(name: str, value: Any, batch: int, item_ok, item_doc: str) -> None:
     if not isinstance(value, (list, tuple)) or len(value) != batch:
-        raise ValueError(f"{name} must be a list of {batch} {item_doc}, got {type(value).__name__} "
-                         f"of length {len(value) if hasattr(value, '__len__') else '?'}")
+        length = len(value) if hasattr(value, "__len__") else "?"
+        raise ValueError(f"{name} must be a list of {batch} {item_doc}, got {type(value).__name__} of length {length}")
     for i, item in enumerate(value):
         if not item_ok(item):
             raise TypeError(f"{name}[{i}] must be {item_doc}, got {item!r}")
@@ -242,8 +242,8 @@ class SimilarityLoss(ContrastiveLoss):
 
         logs = {key: value.detach() for key, value in losses.items()}
         logs["temperature"] = self.temperature().detach()
-        for key in dict.fromkeys(key for s in stats for key in s):
-            logs[key] = torch.stack([s[key] for s in stats if key in s]).mean()
+        for key in stats[0]:
+            logs[key] = torch.stack([s[key] for s in stats]).mean()
         return LossOutput(loss, logs)
 
     def _directions(
@@ -264,12 +264,10 @@ class SimilarityLoss(ContrastiveLoss):
                 )
                 scores = anchors[rows] @ candidates.T
             direction = Direction(name, scores, scores * scale, targets)
-            target = direction.target_mask()
             if positives is not None:
-                direction.positives = direction.view(positives) & ~target
+                direction.positives = direction.view(positives) & ~direction.target_mask()
             if len(self.maskers):
                 drop = torch.stack([masker(direction, batch.structure) for masker in self.maskers]).any(0)
-                drop &= ~target
                 if direction.positives is not None:
                     drop &= ~direction.positives
                 direction.drop = drop
@@ -277,17 +275,18 @@ class SimilarityLoss(ContrastiveLoss):
 
     @torch.no_grad()
     def _stats(self, direction: Direction) -> dict[str, torch.Tensor]:
+        # Masked sums rather than boolean indexing, which would synchronise with the GPU.
         scores = direction.scores
-        target = direction.target_mask()
-        stats = {"sim_pos": scores[target].mean()}
         negatives = direction.negatives()
-        if negatives.any():
-            stats["sim_neg"] = scores[negatives].mean()
-            hardest = scores.masked_fill(~negatives, float("-inf")).amax(1)
-            stats["sim_neg_max"] = hardest[negatives.any(1)].mean()
-        off_target = target.numel() - target.shape[0]
-        if direction.drop is not None and off_target:
-            stats["masked_fraction"] = direction.drop.sum() / off_target
+        has_negatives = negatives.any(1)
+        hardest = scores.masked_fill(~negatives, float("-inf")).amax(1).masked_fill(~has_negatives, 0.0)
+        stats = {
+            "sim_pos": scores.gather(1, direction.targets[:, None]).mean(),
+            "sim_neg": scores.masked_fill(~negatives, 0.0).sum() / negatives.sum().clamp(min=1),
+            "sim_neg_max": hardest.sum() / has_negatives.sum().clamp(min=1),
+        }
+        if direction.drop is not None:
+            stats["masked_fraction"] = direction.drop.sum() / max(scores.numel() - scores.shape[0], 1)
         if direction.positives is not None:
             stats["extra_positives"] = direction.positives.sum(1).float().mean()
         return stats

@@ -194,7 +194,11 @@ class LogMelFrontEnd(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Strided convolution turning ``(B, 1, mels, frames)`` into ``(B, D, 1, patches)``."""
+    """Strided convolution turning ``(B, 1, mels, frames)`` into ``(B, D, 1, patches)``.
+
+    Args:
+        config: the encoder config (patch size and stride, width, input channels).
+    """
 
     def __init__(self, config: DashengConfig) -> None:
         super().__init__()
@@ -210,7 +214,12 @@ class PatchEmbed(nn.Module):
 
 
 class LayerScale(nn.Module):
-    """Per-channel residual scaling (used only when ``init_values`` is set)."""
+    """Per-channel residual scaling (used only when ``init_values`` is set).
+
+    Args:
+        dim: channels.
+        init_values: initial scale.
+    """
 
     def __init__(self, dim: int, init_values: float) -> None:
         super().__init__()
@@ -221,7 +230,13 @@ class LayerScale(nn.Module):
 
 
 class DashengAttention(nn.Module):
-    """Bidirectional multi-head self-attention with a fused ``qkv`` projection."""
+    """Bidirectional multi-head self-attention with a fused ``qkv`` projection.
+
+    Args:
+        dim: model width.
+        num_heads: attention heads.
+        qkv_bias: whether the ``qkv`` projection has a bias.
+    """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool) -> None:
         super().__init__()
@@ -239,6 +254,13 @@ class DashengAttention(nn.Module):
 
 
 class DashengMlp(nn.Module):
+    """Two-layer GELU MLP.
+
+    Args:
+        dim: model width.
+        hidden: inner width.
+    """
+
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -250,7 +272,11 @@ class DashengMlp(nn.Module):
 
 
 class DashengBlock(nn.Module):
-    """Pre-norm transformer block (LayerNorm eps 1e-6, GELU MLP, optional LayerScale)."""
+    """Pre-norm transformer block (LayerNorm eps 1e-6, GELU MLP, optional LayerScale).
+
+    Args:
+        config: the encoder config.
+    """
 
     def __init__(self, config: DashengConfig) -> None:
         super().__init__()

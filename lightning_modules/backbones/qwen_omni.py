@@ -143,30 +143,35 @@ class QwenOmniCollator:
         return batch
 
 
-def tiny_thinker_config(tokenizer: PreTrainedTokenizerBase, num_mel_bins: int = 20) -> Qwen2_5OmniThinkerConfig:
-    """A random-init-sized thinker of the real architecture (sizes from transformers' own tests)."""
+def tiny_thinker_config(
+    tokenizer: PreTrainedTokenizerBase, num_mel_bins: int = 20, width: int = 32
+) -> Qwen2_5OmniThinkerConfig:
+    """A tiny thinker of the real architecture (at width 32, the sizes of transformers' own tests)."""
     ids = dict(zip(QWEN_SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(QWEN_SPECIAL_TOKENS)))
+    # M-RoPE splits half the head dim (width / 4 heads / 2) into temporal, height and width parts.
+    half_head = width // 8
+    mrope_section = [half_head // 4, half_head // 4, half_head // 2]
     return Qwen2_5OmniThinkerConfig(
         audio_config=dict(
-            d_model=32,
+            d_model=width,
             encoder_attention_heads=4,
-            encoder_ffn_dim=32,
+            encoder_ffn_dim=width,
             encoder_layers=2,
             num_mel_bins=num_mel_bins,
             max_source_positions=1500,
             n_window=100,
-            output_dim=32,
+            output_dim=width,
         ),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32,
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=width,
                            fullatt_block_indexes=[0]),
         text_config=dict(
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=width,
+            intermediate_size=2 * width,
             num_hidden_layers=4,
             num_attention_heads=4,
             num_key_value_heads=2,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [1, 1, 2]},
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope_section},
             max_position_embeddings=1024,
         ),
         audio_token_index=ids[AUDIO_TOKEN],
@@ -181,12 +186,14 @@ def tiny_thinker_config(tokenizer: PreTrainedTokenizerBase, num_mel_bins: int = 
     )
 
 
-def tiny_components(seed: int = 0) -> tuple[Qwen2_5OmniThinkerModel, PreTrainedTokenizerBase, WhisperFeatureExtractor]:
+def tiny_components(
+    seed: int = 0, width: int = 32
+) -> tuple[Qwen2_5OmniThinkerModel, PreTrainedTokenizerBase, WhisperFeatureExtractor]:
     """Tiny random thinker, offline tokenizer and 20-bin Whisper feature extractor."""
     tokenizer = build_offline_tokenizer(QWEN_SPECIAL_TOKENS, pad_token="<|endoftext|>", eos_token="<|im_end|>")
     feature_extractor = WhisperFeatureExtractor(feature_size=20, sampling_rate=16000, hop_length=160, n_fft=400)
     torch.manual_seed(seed)
-    model = Qwen2_5OmniThinkerModel(tiny_thinker_config(tokenizer, feature_extractor.feature_size))
+    model = Qwen2_5OmniThinkerModel(tiny_thinker_config(tokenizer, feature_extractor.feature_size, width))
     return model, tokenizer, feature_extractor
 
 
@@ -232,6 +239,7 @@ class QwenOmniThinker(Backbone):
         lora: LoRA adapters on the language model (its base weights are then frozen).
         freeze_audio_encoder: freeze the audio tower and keep it in eval mode.
         seed: random seed of the tiny model's initialisation.
+        tiny_width: hidden width of the tiny model's audio tower and language model.
     """
 
     sampling_rate = 16000
@@ -250,12 +258,13 @@ class QwenOmniThinker(Backbone):
         lora: LoraSettings | None = None,
         freeze_audio_encoder: bool = False,
         seed: int = 0,
+        tiny_width: int = 32,
     ):
         super().__init__()
         if tiny == (name_or_path is not None):
             raise ValueError("QwenOmniThinker needs exactly one of name_or_path or tiny=True")
         if tiny:
-            model, tokenizer, feature_extractor = tiny_components(seed)
+            model, tokenizer, feature_extractor = tiny_components(seed, tiny_width)
         else:
             model, tokenizer, feature_extractor = load_thinker(name_or_path, getattr(torch, dtype), attn_implementation)
         model = model.to(getattr(torch, dtype))
@@ -267,6 +276,9 @@ class QwenOmniThinker(Backbone):
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         if gradient_checkpointing:
             model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # The thinker never reads the audio tower's own bos/eos embedding; a trainable parameter that
+        # gets no gradient would break DDP's reducer.
+        model.audio_tower.audio_bos_eos_token.requires_grad_(False)
         if lora is not None:
             add_lora(model.language_model, lora)
         if freeze_audio_encoder:

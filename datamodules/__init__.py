@@ -1,0 +1,25 @@
+"""Manifests, audio decoding, datasets and data modules for audio–text retrieval."""
+
+from datamodules.audio import AudioDecodeError, AudioPolicy, audio_duration, load_audio
+from datamodules.datamodule import RetrievalDataModule
+from datamodules.datasets import EpochSampler, EvalDataset, PairDataset
+from datamodules.manifest import ClipRecord, ManifestError, read_json_list, read_jsonl, read_manifest
+from datamodules.synthetic import SyntheticDataModule, make_synthetic_dataset
+
+__all__ = [
+    "AudioDecodeError",
+    "AudioPolicy",
+    "ClipRecord",
+    "EpochSampler",
+    "EvalDataset",
+    "ManifestError",
+    "PairDataset",
+    "RetrievalDataModule",
+    "SyntheticDataModule",
+    "audio_duration",
+    "load_audio",
+    "make_synthetic_dataset",
+    "read_json_list",
+    "read_jsonl",
+    "read_manifest",
+]

@@ -1,0 +1,215 @@
+"""Map-style datasets that turn clip records into query/document inputs.
+
+Items are dicts consumed by the model's collator::
+
+    {
+        "query": EmbedInput,              # audio (or audio + question for QA rows)
+        "documents": list[EmbedInput],    # text side: one caption in training, all in evaluation
+        "clip_index": int,                # position of the clip in the record list
+        "clip_id": str,
+        "caption_kind": str,              # caption field the document came from, or "qa"
+        "tags": list[str],
+    }
+
+Randomness (which caption, where to crop) is a pure function of ``(seed, epoch, index)``, so an item
+is the same whichever worker process builds it. Data-loader workers hold copies of the dataset, so
+an epoch set on the main process's copy would not reach persistent workers; :class:`EpochSampler`
+therefore sends the epoch along with each index, and :class:`PairDataset` accepts ``(epoch, index)``
+keys as well as plain indices (which use the epoch from :meth:`PairDataset.set_epoch`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset, Sampler
+
+from datamodules.audio import AudioPolicy, load_audio
+from datamodules.manifest import ClipRecord
+from lightning_modules.inputs import EmbedInput
+
+__all__ = ["EpochSampler", "EvalDataset", "PairDataset"]
+
+
+def _qa_query_text(record: ClipRecord) -> str:
+    text = record.extra["question"]
+    choices = record.texts("choices")
+    if choices:
+        text = f"{text}\nChoices: {'; '.join(choices)}"
+    return text
+
+
+def _query(record: ClipRecord, wave: np.ndarray, instruction: str | None) -> EmbedInput:
+    instruction = record.extra.get("instruction", instruction)
+    text = _qa_query_text(record) if record.is_qa else None
+    return EmbedInput(audio=wave, text=text, instruction=instruction)
+
+
+def _item(
+    record: ClipRecord, index: int, query: EmbedInput, texts: list[str], kind: str, instruction: str | None
+) -> dict[str, Any]:
+    return {
+        "query": query,
+        "documents": [EmbedInput(text=text, instruction=instruction) for text in texts],
+        "clip_index": index,
+        "clip_id": record.id,
+        "caption_kind": kind,
+        "tags": record.tags,
+    }
+
+
+class PairDataset(Dataset):
+    """Training pairs: one item per clip per epoch, with one caption drawn at random.
+
+    The caption is drawn by first picking uniformly among the ``caption_fields`` the clip has, then
+    uniformly among that field's texts. Audio QA rows (``question`` + ``answer``) become
+    ``query = audio + question (+ choices)``, ``document = answer`` with ``caption_kind = "qa"``.
+
+    Args:
+        records: clips from :func:`datamodules.manifest.read_manifest`.
+        sampling_rate: rate (Hz) the audio is resampled to.
+        policy: crop/pad rule; random crops when ``train``.
+        train: random crop (``True``) or head crop (``False``).
+        seed: base seed; with the epoch and the index it fixes every random choice.
+        caption_fields: fields to sample captions from: ``caption``, ``caption_long``,
+            ``caption_short``, ``tags`` (joined with ``", "``) or any other text field of the rows.
+        query_instruction: instruction attached to the audio side; a row's ``instruction`` field
+            overrides it.
+        document_instruction: instruction attached to the text side.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ClipRecord],
+        sampling_rate: int,
+        policy: AudioPolicy,
+        train: bool = True,
+        seed: int = 0,
+        caption_fields: Sequence[str] = ("caption",),
+        query_instruction: str | None = None,
+        document_instruction: str | None = None,
+    ):
+        if not caption_fields:
+            raise ValueError("caption_fields must name at least one field")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.records = list(records)
+        self.sampling_rate = sampling_rate
+        self.policy = policy
+        self.train = train
+        self.seed = seed
+        self.caption_fields = tuple(caption_fields)
+        self.query_instruction = query_instruction
+        self.document_instruction = document_instruction
+        self.epoch = 0
+        for record in self.records:
+            if not record.is_qa and not self._fields_of(record):
+                raise ValueError(f"{record.source}: clip '{record.id}' has none of the fields {self.caption_fields}")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used for plain integer indices (``(epoch, index)`` keys carry their own)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _fields_of(self, record: ClipRecord) -> list[str]:
+        return [name for name in self.caption_fields if record.texts(name)]
+
+    def _rngs(self, epoch: int, index: int) -> tuple[np.random.Generator, np.random.Generator]:
+        # Separate streams, so changing the crop policy does not change which captions are drawn.
+        caption_seq, crop_seq = np.random.SeedSequence([self.seed, epoch, index]).spawn(2)
+        return np.random.default_rng(caption_seq), np.random.default_rng(crop_seq)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        record = self.records[index]
+        caption_rng, crop_rng = self._rngs(epoch, index)
+        wave = load_audio(record.audio_path, self.sampling_rate)
+        wave = self.policy.apply(wave, self.sampling_rate, self.train, crop_rng)
+        query = _query(record, wave, self.query_instruction)
+        if record.is_qa:
+            return _item(record, index, query, [record.extra["answer"]], "qa", self.document_instruction)
+        fields = self._fields_of(record)
+        kind = fields[int(caption_rng.integers(len(fields)))]
+        texts = record.texts(kind)
+        caption = texts[int(caption_rng.integers(len(texts)))]
+        return _item(record, index, query, [caption], kind, self.document_instruction)
+
+
+class EvalDataset(Dataset):
+    """Evaluation items: every clip once, with all its captions and a head crop; nothing random.
+
+    ``documents`` holds all the clip's captions (for AudioCaps/Clotho, the 5 references); audio QA
+    rows give their answer.
+
+    Args:
+        records: clips from :func:`datamodules.manifest.read_manifest`.
+        sampling_rate: rate (Hz) the audio is resampled to.
+        policy: crop/pad rule (head crop).
+        query_instruction: instruction attached to the audio side; a row's ``instruction`` field
+            overrides it.
+        document_instruction: instruction attached to the text side.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ClipRecord],
+        sampling_rate: int,
+        policy: AudioPolicy,
+        query_instruction: str | None = None,
+        document_instruction: str | None = None,
+    ):
+        self.records = list(records)
+        self.sampling_rate = sampling_rate
+        self.policy = policy
+        self.query_instruction = query_instruction
+        self.document_instruction = document_instruction
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        wave = self.policy.apply(load_audio(record.audio_path, self.sampling_rate), self.sampling_rate, train=False)
+        query = _query(record, wave, self.query_instruction)
+        if record.is_qa:
+            return _item(record, index, query, [record.extra["answer"]], "qa", self.document_instruction)
+        return _item(record, index, query, record.captions, "caption", self.document_instruction)
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, index)`` keys, shuffled per epoch from ``seed``, for :class:`PairDataset`.
+
+    Lightning calls :meth:`set_epoch` before each training epoch (and forwards it through the
+    wrapper it puts around custom samplers under DDP). Because the epoch travels inside each key,
+    workers, persistent or not, draw captions and crops for the right epoch. Every rank computes the
+    same order, so Lightning's distributed wrapper shards it without overlap.
+
+    Args:
+        num_items: dataset length.
+        shuffle: permute the indices each epoch.
+        seed: base seed of the permutation.
+    """
+
+    def __init__(self, num_items: int, shuffle: bool = True, seed: int = 0):
+        self.num_items = num_items
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order and random draws the next iteration uses."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = np.arange(self.num_items)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)
+        epoch = self.epoch
+        return iter([(epoch, int(index)) for index in order])
