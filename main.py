@@ -1,10 +1,19 @@
 """Command-line entry point: ``python main.py {fit,validate,test,predict} --config configs/<recipe>.yaml``.
 
+``python main.py sweep --config <recipe> --sweep configs/sweeps/<name>.yaml`` runs an ablation grid
+(see :mod:`lightning_modules.sweep`).
+
+``python main.py search --queries <embeddings.safetensors> --corpus <embeddings.safetensors>`` ranks
+the corpus for every query (see :mod:`lightning_modules.search`).
+
 The packages are imported so that configs can name classes by their short name
 (``class_path: QwenOmniThinker``, ``class_path: InfoNCE``, ...).
 """
 
 from __future__ import annotations
+
+import sys
+from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -13,9 +22,10 @@ import callbacks  # noqa: F401
 import datamodules  # noqa: F401
 import lightning_modules  # noqa: F401
 import losses  # noqa: F401
-from callbacks import RetrievalReport
+from callbacks import EmbeddingWriter, HyperparameterSummary, RetrievalReport
 from datamodules import RetrievalDataModule
-from lightning_modules import EmbeddingModule
+from lightning_modules import EmbeddingModule, search
+from lightning_modules.sweep import run_sweep
 
 
 class EmbeddingCLI(LightningCLI):
@@ -32,6 +42,8 @@ class EmbeddingCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(RetrievalReport, "report")
+        parser.add_lightning_class_args(EmbeddingWriter, "writer")
+        parser.add_lightning_class_args(HyperparameterSummary, "hparams")
         parser.add_argument(
             "--test_after_fit",
             type=bool,
@@ -44,7 +56,12 @@ class EmbeddingCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
 
 
-def main(args: list[str] | None = None) -> EmbeddingCLI:
+def main(args: list[str] | None = None) -> EmbeddingCLI | list[dict[str, Any]]:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["sweep"]:
+        return run_sweep(argv[1:])
+    if argv[:1] == ["search"]:
+        return search.main(argv[1:])
     return EmbeddingCLI(
         EmbeddingModule,
         RetrievalDataModule,

@@ -39,10 +39,11 @@ class RetrievalReport(Callback):
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         results = getattr(pl_module, "test_results", {})
+        # log_dir broadcasts from rank 0, so every rank must ask for it before the others return.
+        directory = trainer.log_dir or trainer.default_root_dir
         if not results or not trainer.is_global_zero:
             return
         print("\n" + format_table(results))
-        directory = trainer.log_dir or trainer.default_root_dir
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, self.filename)
         with open(self.path, "w") as f:

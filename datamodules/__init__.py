@@ -1,6 +1,7 @@
 """Manifests, audio decoding, datasets and data modules for audio–text retrieval."""
 
 from datamodules.audio import AudioDecodeError, AudioPolicy, audio_duration, load_audio
+from datamodules.bucketing import DurationBatchSampler, manifest_durations
 from datamodules.datamodule import RetrievalDataModule
 from datamodules.datasets import EpochSampler, EvalDataset, PairDataset
 from datamodules.manifest import ClipRecord, ManifestError, read_json_list, read_jsonl, read_manifest
@@ -10,6 +11,7 @@ __all__ = [
     "AudioDecodeError",
     "AudioPolicy",
     "ClipRecord",
+    "DurationBatchSampler",
     "EpochSampler",
     "EvalDataset",
     "ManifestError",
@@ -19,6 +21,7 @@ __all__ = [
     "audio_duration",
     "load_audio",
     "make_synthetic_dataset",
+    "manifest_durations",
     "read_json_list",
     "read_jsonl",
     "read_manifest",

@@ -6,9 +6,13 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
-from torch.utils.data import DataLoader, Dataset
+import numpy as np
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.audio import AudioPolicy
+from datamodules.bucketing import DurationBatchSampler, manifest_durations
 from datamodules.datasets import EpochSampler, EvalDataset, PairDataset
 from datamodules.manifest import ClipRecord, read_manifest
 
@@ -31,6 +35,21 @@ class RetrievalDataModule(pl.LightningDataModule):
     reproducible from ``seed``. Validation, test and predict loaders use :class:`EvalDataset`
     (all captions, head crop, fixed order).
 
+    With ``bucket_by_duration`` the train loader batches clips of similar duration
+    (:class:`~datamodules.bucketing.DurationBatchSampler`), so less compute goes to padding. The
+    durations are read from the audio headers once and cached per manifest in
+    ``duration_cache_dir``; clips longer than ``train_max_seconds`` count as that long (they are
+    cropped). Batches are full (``drop_last``): the clips that do not fill the last step are left
+    out, different ones each epoch.
+
+    Multi-process training (DDP, FSDP): the data module shards every loader itself, the way
+    Lightning would (the train clips over the ranks; validation and test with
+    ``DistributedSampler``, padded, which the retrieval metric de-duplicates; predict without
+    repeats). Lightning leaves loaders whose sampler is already distributed alone, so
+    ``Trainer(use_distributed_sampler=...)`` may take either value, except that duration bucketing
+    needs ``use_distributed_sampler=False``: Lightning cannot re-shard a custom batch sampler, and
+    this one already gives each rank a disjoint, equal-length share.
+
     Args:
         train_manifest: training manifest (``.jsonl`` or ``.json``).
         val_manifest: validation manifest; ``None`` skips validation.
@@ -48,6 +67,13 @@ class RetrievalDataModule(pl.LightningDataModule):
         query_instruction: instruction on the audio (query) side; a row's ``instruction`` overrides it.
         document_instruction: instruction on the text (document) side.
         seed: seed of the training order and of the caption and crop draws.
+        bucket_by_duration: batch training clips of similar duration (needs
+            ``trainer.use_distributed_sampler: false`` with more than one process).
+        bucket_pool_multiplier: with bucketing, clips are sorted by duration within random pools of
+            ``batch_size * world_size * bucket_pool_multiplier`` clips: larger pools pad less but
+            mix less.
+        duration_cache_dir: folder of the cached audio durations; ``None`` uses
+            ``$XDG_CACHE_HOME/alm-embed/durations`` (``~/.cache/...``), never the dataset's folder.
     """
 
     def __init__(
@@ -67,10 +93,15 @@ class RetrievalDataModule(pl.LightningDataModule):
         query_instruction: str | None = None,
         document_instruction: str | None = None,
         seed: int = 0,
+        bucket_by_duration: bool = False,
+        bucket_pool_multiplier: int = 32,
+        duration_cache_dir: str | None = None,
     ):
         super().__init__()
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
+        if bucket_pool_multiplier < 1:
+            raise ValueError(f"bucket_pool_multiplier must be >= 1, got {bucket_pool_multiplier}")
         self.manifests = {
             "train": train_manifest,
             "val": val_manifest,
@@ -87,6 +118,9 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.query_instruction = query_instruction
         self.document_instruction = document_instruction
         self.seed = seed
+        self.bucket_by_duration = bucket_by_duration
+        self.bucket_pool_multiplier = bucket_pool_multiplier
+        self.duration_cache_dir = duration_cache_dir
         self.records: dict[str, list[ClipRecord]] = {}
         self.sampling_rate: int | None = None
         self.collate_fn: Callable[[list[dict[str, Any]]], Any] | None = None
@@ -117,6 +151,10 @@ class RetrievalDataModule(pl.LightningDataModule):
             self.records[split] = read_manifest(self.manifests[split], self.audio_dir)
         return self.records[split]
 
+    def _world(self) -> tuple[int, int]:
+        """``(world_size, global_rank)`` of the attached trainer; ``(1, 0)`` without one."""
+        return getattr(self.trainer, "world_size", 1), getattr(self.trainer, "global_rank", 0)
+
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
         _, collate_fn = self._bound()
         return DataLoader(
@@ -133,7 +171,24 @@ class RetrievalDataModule(pl.LightningDataModule):
         dataset = EvalDataset(
             self._split(split), sampling_rate, self.eval_policy, self.query_instruction, self.document_instruction
         )
-        return self._loader(dataset, self.eval_batch_size, shuffle=False)
+        world, rank = self._world()
+        if world == 1:
+            return self._loader(dataset, self.eval_batch_size, shuffle=False)
+        # The samplers Lightning would inject; given here so use_distributed_sampler=False (needed by
+        # bucketing) still shards evaluation. Predictions must not repeat clips; the retrieval metric
+        # de-duplicates the padded repeats of DistributedSampler.
+        sampler_cls = UnrepeatedDistributedSampler if split == "predict" else DistributedSampler
+        sampler = sampler_cls(dataset, num_replicas=world, rank=rank, shuffle=False)
+        return self._loader(dataset, self.eval_batch_size, sampler=sampler)
+
+    def train_durations(self) -> np.ndarray:
+        """Seconds of every training clip as the model sees it (cropped and padded by the policy)."""
+        records = self._split("train")
+        durations = manifest_durations(
+            self.manifests["train"], [r.audio_path for r in records], self.duration_cache_dir
+        )
+        upper = self.train_policy.max_seconds if self.train_policy.max_seconds is not None else np.inf
+        return np.clip(durations, self.train_policy.min_seconds, upper)
 
     def train_dataloader(self) -> DataLoader:
         sampling_rate, _ = self._bound()
@@ -147,10 +202,38 @@ class RetrievalDataModule(pl.LightningDataModule):
             query_instruction=self.query_instruction,
             document_instruction=self.document_instruction,
         )
-        sampler = EpochSampler(len(dataset), shuffle=True, seed=self.seed)
         # Lightning creates the first epoch's iterator before its first set_epoch call, so start
         # at the current epoch (non-zero when resuming).
-        sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        world, rank = self._world()
+        if self.bucket_by_duration:
+            # Lightning keeps the flag on its private accelerator connector. Where it cannot be read,
+            # DurationBatchSampler's argument check still stops Lightning from re-wrapping it.
+            connector = getattr(self.trainer, "_accelerator_connector", None)
+            if world > 1 and getattr(connector, "use_distributed_sampler", False):
+                raise ValueError(
+                    "bucket_by_duration shards the training batches itself; set "
+                    "trainer.use_distributed_sampler to false (Trainer(use_distributed_sampler=False))"
+                )
+            batches = DurationBatchSampler(
+                self.train_durations(),
+                self.batch_size,
+                pool_multiplier=self.bucket_pool_multiplier,
+                drop_last=True,
+                seed=self.seed,
+                num_replicas=world,
+                rank=rank,
+            )
+            batches.set_epoch(epoch)
+            # batch_size=1 is DataLoader's neutral value next to a batch_sampler.
+            return self._loader(dataset, 1, batch_sampler=batches)
+        sampler = EpochSampler(len(dataset), shuffle=True, seed=self.seed)
+        sampler.set_epoch(epoch)
+        if world > 1:
+            # What Lightning injects under use_distributed_sampler=True; given here so that False
+            # shards too. EpochSampler already shuffles, and the wrapper forwards set_epoch to it.
+            sampler = DistributedSamplerWrapper(sampler, num_replicas=world, rank=rank, shuffle=False)
+            sampler.set_epoch(epoch)
         return self._loader(dataset, self.batch_size, sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -365,16 +365,9 @@ class SyntheticDataModule(RetrievalDataModule):
         num_train: training clips.
         num_val: validation clips.
         num_test: test clips.
-        batch_size: training clips per batch (per device).
-        eval_batch_size: clips per evaluation batch; ``None`` uses ``batch_size``.
-        num_workers: data-loader worker processes (persistent when > 0).
-        train_max_seconds: training clips are randomly cropped to this length; ``None`` keeps them whole.
-        eval_max_seconds: evaluation clips keep their first this-many seconds; ``None`` keeps them whole.
-        min_seconds: shorter clips are zero-padded at the end to this length.
-        caption_fields: caption fields training samples from (``caption``, ``caption_long``,
-            ``caption_short``, ``tags``).
-        query_instruction: instruction on the audio (query) side.
-        document_instruction: instruction on the text (document) side.
+        **kwargs: the loader, cropping and instruction settings of :class:`RetrievalDataModule`
+            (``batch_size``, ``num_workers``, ``train_max_seconds``, ``caption_fields``,
+            ``bucket_by_duration``, ...); the manifests are the generated ones.
     """
 
     def __init__(
@@ -384,28 +377,12 @@ class SyntheticDataModule(RetrievalDataModule):
         num_train: int = 400,
         num_val: int = 60,
         num_test: int = 100,
-        batch_size: int = 8,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        train_max_seconds: float | None = 10.0,
-        eval_max_seconds: float | None = 10.0,
-        min_seconds: float = 0.0,
-        caption_fields: list[str] = ["caption"],  # noqa: B006 - copied by the parent, never mutated
-        query_instruction: str | None = None,
-        document_instruction: str | None = None,
+        **kwargs,
     ):
-        super().__init__(
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            train_max_seconds=train_max_seconds,
-            eval_max_seconds=eval_max_seconds,
-            min_seconds=min_seconds,
-            caption_fields=caption_fields,
-            query_instruction=query_instruction,
-            document_instruction=document_instruction,
-            seed=seed,
-        )
+        manifests = sorted(k for k, v in kwargs.items() if (k.endswith("_manifest") or k == "audio_dir") and v)
+        if manifests:
+            raise ValueError(f"SyntheticDataModule generates its own manifests; remove {manifests}")
+        super().__init__(seed=seed, **kwargs)
         self.root = root
         self.sizes = {"num_train": num_train, "num_val": num_val, "num_test": num_test}
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from lightning_modules.init_args import RecordsInitArgs
 
-class Head(nn.Module):
+
+class Head(RecordsInitArgs, nn.Module):
     """A projection whose input width is given by the backbone at :meth:`build` time.
 
     Heads are built lazily so that configs name only the output size; ``modality`` (``"audio"``,

@@ -8,18 +8,27 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning import LightningModule
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 
+from lightning_modules.adapters import quantized_parameters
 from lightning_modules.backbones.base import Backbone
 from lightning_modules.collate import PairCollator
 from lightning_modules.grad_cache import RngState, split_inputs
+from lightning_modules.guide import TextGuide
 from lightning_modules.heads import Head, IdentityHead
 from lightning_modules.metrics import AudioTextRetrieval
 from lightning_modules.poolers import Pooler
+from lightning_modules.weights import load_trainable_state_dict, read_trainable_weights
 from losses.base import ContrastiveLoss, LossOutput
 from losses.infonce import InfoNCE
+from losses.tag_clusters import TagClusterMap
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
@@ -32,6 +41,23 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def average_gradients(params: list[torch.nn.Parameter], group: dist.ProcessGroup) -> None:
+    """Replace each parameter's gradient by its mean over the processes of ``group``.
+
+    A process whose backward never reached a parameter contributes zeros, so that every process
+    issues the same collectives.
+    """
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    pending = [dist.all_reduce(param.grad, group=group, async_op=True) for param in params]
+    for work in pending:
+        work.wait()
+    world = dist.get_world_size(group)
+    for param in params:
+        param.grad.div_(world)
 
 
 class EmbeddingModule(LightningModule):
@@ -57,6 +83,15 @@ class EmbeddingModule(LightningModule):
             et al., 2021): a large contrastive batch at the activation memory of one chunk, with
             the same gradients as the plain step. Uses manual optimisation, so the trainer's
             ``accumulate_grad_batches`` and ``gradient_clip_val`` must stay unset. ``None``: off.
+        guide: frozen text scorer whose caption×caption similarities are passed to the loss as
+            ``guide_scores`` (for :class:`losses.GuideModelMasker`); ``None``: no guide.
+        tag_cluster_file: AuroLA-style ``{tag: {"cluster_index": int | null}}`` JSON grouping
+            synonymous tags, for tag-cluster positives (Hybrid-NCE); without it every tag is its
+            own cluster.
+        init_from: start from the trainable weights of an earlier run (e.g. ALM2Vec stage 1 →
+            stage 2): a ``.safetensors`` file of trainable weights or a Lightning ``.ckpt``. Every
+            trainable parameter must be present with the same shape; frozen weights come from
+            the backbone's own checkpoint.
     """
 
     def __init__(
@@ -71,9 +106,12 @@ class EmbeddingModule(LightningModule):
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
         grad_cache_chunk_size: int | None = None,
+        guide: TextGuide | None = None,
+        tag_cluster_file: str | None = None,
+        init_from: str | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["backbone", "pooler", "head", "loss"])
+        self.save_hyperparameters(ignore=["backbone", "pooler", "head", "loss", "guide"])
         if grad_cache_chunk_size is not None and grad_cache_chunk_size < 1:
             raise ValueError(f"grad_cache_chunk_size must be positive, got {grad_cache_chunk_size}")
         self.automatic_optimization = grad_cache_chunk_size is None
@@ -83,10 +121,60 @@ class EmbeddingModule(LightningModule):
         self.head.build(backbone.hidden_size)
         self.loss = loss if loss is not None else InfoNCE()
         self.collate = PairCollator(backbone.collator())
+        self.guide = guide.requires_grad_(False) if guide is not None else None
+        self.tag_clusters = TagClusterMap.from_file(tag_cluster_file) if tag_cluster_file else TagClusterMap({})
         self.val_metric = AudioTextRetrieval()
         self.test_metric = AudioTextRetrieval()
         #: metrics of the last test epoch, read by the report callback.
         self.test_results: dict[str, float] = {}
+        if init_from is not None:
+            load_trainable_state_dict(self, read_trainable_weights(init_from, self), source=init_from)
+
+    def configure_model(self) -> None:
+        """Shard the model with FSDP2 (``torch.distributed.fsdp.fully_shard``) when the strategy
+        provides a device mesh (Lightning's ``ModelParallelStrategy``, e.g. ``configs/strategy/fsdp.yaml``);
+        under any other strategy, do nothing.
+
+        Each block the backbone lists in :meth:`Backbone.shard_units` (decoder layers, audio-encoder
+        blocks) becomes its own unit, so only one block's full weights exist at a time; then every
+        child with parameters (backbone, head, loss) becomes a root unit for the rest (embeddings,
+        norms, projector, head). The module itself is not sharded: Lightning calls
+        ``training_step`` directly, and FSDP2 gathers a unit's weights in its ``forward`` hooks.
+        Parameters are sharded over the mesh's ``data_parallel`` dimension (Zhao et al., "PyTorch
+        FSDP", VLDB 2023; https://pytorch.org/docs/stable/distributed.fsdp.fully_shard.html).
+
+        Two kinds of parameters stay whole on every rank: 0-d ones (the learnable τ), which
+        ``fully_shard`` refuses, and bitsandbytes 4-bit weights, whose quantisation state lives
+        outside the tensor and would not survive sharding. The trainable ones among them are
+        averaged over the ranks in :meth:`on_before_optimizer_step`.
+        """
+        mesh = self._data_parallel_mesh()
+        # Lightning calls this hook again for every later stage (e.g. test after fit).
+        if mesh is None or isinstance(self.backbone, FSDPModule):
+            return
+        replicated = quantized_parameters(self) | {param for param in self.parameters() if param.ndim == 0}
+        for unit in self.backbone.shard_units():
+            fully_shard(unit, mesh=mesh, ignored_params=replicated)
+        for child in self.children():
+            if any(param not in replicated for param in child.parameters()):
+                fully_shard(child, mesh=mesh, ignored_params=replicated)
+
+    def _data_parallel_mesh(self) -> DeviceMesh | None:
+        """The mesh FSDP2 shards over, or ``None`` when the strategy provides no device mesh."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return None
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError("EmbeddingModule shards with FSDP2 only: set the strategy's tensor_parallel_size to 1")
+        return mesh["data_parallel"] if "data_parallel" in names else mesh
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # FSDP2 reduces the gradients of the parameters it shards; the replicated ones (see
+        # configure_model) are plain tensors, averaged here as DDP would.
+        if isinstance(self.backbone, FSDPModule):
+            replicated = [p for p in self.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+            average_gradients(replicated, self._data_parallel_mesh().get_group())
 
     def embed(self, inputs: dict[str, torch.Tensor], modality: str) -> torch.Tensor:
         """L2-normalised embeddings of one side of a batch."""
@@ -98,11 +186,15 @@ class EmbeddingModule(LightningModule):
 
     def loss_structure(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Batch information the losses may use besides the embeddings."""
-        return {
+        structure = {
             "clip_ids": batch["query_index"],
             "texts": batch["texts"],
             "caption_kinds": batch["caption_kinds"],
+            "tag_clusters": [self.tag_clusters.clusters_for(tags) for tags in batch["tags"]],
         }
+        if self.guide is not None:
+            structure["guide_scores"] = self.guide(batch["texts"]).to(self.device)
+        return structure
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         if not self.automatic_optimization:
@@ -117,21 +209,36 @@ class EmbeddingModule(LightningModule):
         self.log_dict({f"train/{k}": v for k, v in out.logs.items()}, batch_size=batch_size)
 
     def grad_cache_step(self, batch: dict[str, Any]) -> torch.Tensor:
-        """One optimiser step with GradCache (manual optimisation)."""
+        """One optimiser step with GradCache (manual optimisation).
+
+        Under DDP every backward pass runs without the reducer, and the gradients are averaged over
+        the processes once, after the last pass. DDP's reducer expects each backward to reach every
+        trainable parameter, but GradCache's last pass (the last document chunk) reaches neither the
+        audio tower nor τ: letting the reducer run on it left its buckets unfinished, and the next
+        step failed ("parameters that were not used in producing the loss") after an optimiser step
+        on unsynchronised gradients.
+        """
         no_sync = getattr(self.trainer.strategy, "block_backward_sync", nullcontext)
 
-        def backward(tensor: torch.Tensor, sync: bool) -> None:
-            # Under DDP only the last backward of the step all-reduces the accumulated gradients.
-            with nullcontext() if sync else no_sync():
-                self.manual_backward(tensor)
+        def backward(tensor: torch.Tensor, last: bool) -> None:
+            self.manual_backward(tensor)
+            if last:
+                self._average_ddp_gradients()
 
-        out = self.grad_cache_backward(batch, backward)
+        with no_sync():
+            out = self.grad_cache_backward(batch, backward)
         optimizer = self.optimizers()
         optimizer.step()
         optimizer.zero_grad()
         self.lr_schedulers().step()
         self._log_train(out, batch["query_index"].shape[0])
         return out.loss.detach()
+
+    def _average_ddp_gradients(self) -> None:
+        """Average the gradients over DDP's processes, as its reducer would."""
+        model = self.trainer.strategy.model
+        if isinstance(model, DistributedDataParallel):
+            average_gradients([p for p in self.parameters() if p.requires_grad], model.process_group)
 
     def grad_cache_backward(
         self, batch: dict[str, Any], backward: Callable[[torch.Tensor, bool], None]

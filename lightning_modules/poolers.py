@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lightning_modules.backbones.base import BackboneOutput
+from lightning_modules.init_args import RecordsInitArgs
 
 
 def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -14,7 +15,7 @@ def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask.bool(), positions, -1).amax(dim=1)
 
 
-class Pooler(nn.Module):
+class Pooler(RecordsInitArgs, nn.Module):
     """Maps :class:`BackboneOutput` to ``(B, H)`` embeddings (before the head)."""
 
     def forward(self, out: BackboneOutput) -> torch.Tensor:

@@ -28,3 +28,15 @@ def test_demo_learns_and_test_reproduces(tmp_path):
     assert test_metrics.keys() == fit_metrics.keys()
     for key, value in fit_metrics.items():
         assert test_metrics[key] == pytest.approx(value, abs=1e-4), key
+
+
+@pytest.mark.slow
+def test_tiny_midashenglm_learns_with_the_alm2vec_setup(tmp_path):
+    """Frozen encoder, LoRA on q/k/v, EOS pooling, linear head, learnable τ, margin masking, GradCache."""
+    configs = Path(CONFIG).parent
+    cli = main(["fit", "--config", str(configs / "alm2vec.yaml"), "--config", str(configs / "tiny" / "alm2vec.yaml"),
+                "--test_after_fit", "true", "--trainer.default_root_dir", str(tmp_path),
+                "--trainer.enable_progress_bar", "false"])
+    report = cli.trainer.callbacks[[type(c).__name__ for c in cli.trainer.callbacks].index("RetrievalReport")]
+    metrics = json.loads(Path(report.path).read_text())
+    assert metrics["test/t2a/R@1"] >= 5 * CHANCE_T2A_R1, metrics

@@ -15,6 +15,11 @@ concatenated; ``positive_mask`` and ``guide_scores`` are block-diagonal (cross-p
 not positives and are never guide-masked).
 """
 
+import shutil
+import tempfile
+import time
+from datetime import timedelta
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -25,6 +30,7 @@ from torch import nn
 from losses import DuplicateMasker, GuideModelMasker, HybridNCE, InfoNCE, MarginMasker
 
 WORLD = 2
+TIMEOUT = timedelta(seconds=90)
 N, D, D_IN = 8, 6, 5
 CLIP_IDS = [0, 1, 2, 3, 0, 5, 2, 7]
 TEXTS = ["rain", "dog barks", "wind", "engine", "birds", "crowd", "music", "dog barks"]
@@ -134,9 +140,10 @@ def temperature_grad(loss):
     return param.grad.clone() if isinstance(param, nn.Parameter) else None
 
 
-def _worker(rank, init_file, out_dir):
+def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=TIMEOUT)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=TIMEOUT)
     try:
         results = {}
         for case in CASES:
@@ -156,15 +163,30 @@ def _worker(rank, init_file, out_dir):
             model(xq[start:stop], xd[start:stop], **local_structure(structure, start, stop)).backward()
             results[("ddp", name, gather)] = {k: p.grad.clone() for k, p in model.module.named_parameters()}
         torch.save(results, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def per_rank(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gloo")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{rank}.pt") for rank in range(WORLD)]
+def per_rank():
+    # The parent owns the rendezvous store on a free port, so concurrent runs cannot collide, and
+    # a stuck worker fails the test after a deadline instead of hanging the suite.
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
+    out_dir = tempfile.mkdtemp(prefix="test_distributed_loss-")
+    try:
+        workers = mp.start_processes(
+            _worker, args=(store.port, out_dir), nprocs=WORLD, join=False, start_method="spawn"
+        )
+        deadline = time.monotonic() + 2 * TIMEOUT.total_seconds()
+        while not workers.join(timeout=1):
+            if time.monotonic() > deadline:
+                for process in workers.processes:
+                    process.kill()
+                pytest.fail("the gloo workers did not finish in time")
+        yield [torch.load(f"{out_dir}/rank{rank}.pt") for rank in range(WORLD)]
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2][0]}+{c[2][1]}-{str(c[3])[6:]}")

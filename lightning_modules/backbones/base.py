@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightning_modules.init_args import RecordsInitArgs
 from lightning_modules.inputs import EmbedInput
 
 Collator = Callable[[list[EmbedInput]], dict[str, torch.Tensor]]
@@ -31,7 +32,7 @@ class BackboneOutput:
     emb_token_id: int | None = None
 
 
-class Backbone(nn.Module, ABC):
+class Backbone(RecordsInitArgs, nn.Module, ABC):
     """An audio language model used as an encoder.
 
     A backbone owns its prompt format and its input processing: :meth:`collator` returns a picklable
@@ -54,6 +55,12 @@ class Backbone(nn.Module, ABC):
         for name in self.frozen_in_eval:
             self.get_submodule(name).eval()
         return self
+
+    def shard_units(self) -> list[nn.Module]:
+        """Blocks that FSDP2 shards as units of their own (decoder layers, audio-encoder blocks), so
+        that only one block's full weights are materialised at a time; the rest of the backbone is
+        sharded as one root unit. Default: none, the whole backbone is one unit."""
+        return []
 
     @abstractmethod
     def collator(self) -> Collator:

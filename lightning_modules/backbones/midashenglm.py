@@ -41,7 +41,7 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
     Qwen2_5OmniThinkerTextModel,
 )
 
-from lightning_modules.adapters import LoraSettings, add_lora
+from lightning_modules.adapters import LoraSettings, add_lora, local_device, quantize_linear_4bit
 from lightning_modules.backbones.base import Backbone, BackboneOutput
 from lightning_modules.backbones.offline_tokenizer import build_offline_tokenizer
 from lightning_modules.backbones.dasheng import DashengConfig, DashengEncoder, num_encoder_patches
@@ -485,7 +485,10 @@ class MiDashengLMBackbone(Backbone):
             gradients, and kept in eval mode even when the backbone is put in train mode.
         system_prompt: text of the system turn; ``None`` leaves the system turn out.
         lora: LoRA adapters on the text decoder (ALM2Vec: q_proj, k_proj, v_proj; dropout 0.05);
-            the decoder's base weights are then frozen.
+            the decoder's base weights are then frozen. With ``lora.quantize_4bit`` the decoder's
+            linear layers are quantised to NF4 after loading, on this process's device (QLoRA).
+        gradient_checkpointing: recompute the text decoder's activations in the backward pass
+            (non-reentrant; composes with FSDP2, whose hooks stay outside the recomputed region).
     """
 
     sampling_rate = 16000
@@ -500,6 +503,7 @@ class MiDashengLMBackbone(Backbone):
         freeze_audio_encoder: bool = True,
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
         lora: LoraSettings | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if tiny == (name_or_path is not None):
@@ -537,7 +541,14 @@ class MiDashengLMBackbone(Backbone):
                 self.get_submodule(name).requires_grad_(False)
                 self.frozen_in_eval.append(name)
             self.train(self.training)
+        # Embeddings never reach the LM head; a trainable parameter without gradients would only
+        # waste optimizer state and break DDP's reducer.
+        self.model.decoder.lm_head.requires_grad_(False)
+        if gradient_checkpointing:
+            self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora is not None:
+            if lora.quantize_4bit:
+                quantize_linear_4bit(self.language_model, lora, None if tiny else local_device())
             add_lora(self.language_model, lora)
 
     def _check_tokenizer(self) -> None:
@@ -561,6 +572,9 @@ class MiDashengLMBackbone(Backbone):
 
     def collator(self) -> MiDashengLMCollator:
         return MiDashengLMCollator(self.tokenizer, self.config, self.system_prompt)
+
+    def shard_units(self) -> list[nn.Module]:
+        return [*self.language_model.layers, *self.audio_encoder.blocks]
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> BackboneOutput:
         hidden_states = decoder_hidden_states(

@@ -17,7 +17,7 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
-from lightning_modules.adapters import LoraSettings, add_lora, freeze
+from lightning_modules.adapters import LoraSettings, add_lora, freeze, local_device, quantize_linear_4bit
 from lightning_modules.backbones.base import Backbone, BackboneOutput
 from lightning_modules.backbones.offline_tokenizer import build_offline_tokenizer
 from lightning_modules.inputs import EmbedInput
@@ -64,6 +64,9 @@ class PromptTemplates:
         text: user turn for text-only inputs.
         audio_text: user turn for inputs with audio and text.
         assistant: assistant turn that closes the prompt.
+        chat: wrap the turns in ChatML markup; ``False`` feeds the user content alone (plain
+            "query: ..." / "passage: ..." inputs as in Omni-Embed-Audio; ``system`` and
+            ``assistant`` are then unused).
     """
 
     system: str | None = "You are a helpful assistant."
@@ -71,6 +74,7 @@ class PromptTemplates:
     text: str = "{text}\nSummarize above sentence in one word:"
     audio_text: str = "{audio}{text}\nSummarize above audio and sentence in one word:"
     assistant: str = "<emb>."
+    chat: bool = True
 
     def render(self, item: EmbedInput) -> str:
         """The full prompt of ``item`` with a single ``<|AUDIO|>`` slot for its audio, if any."""
@@ -78,6 +82,8 @@ class PromptTemplates:
         user = template.format(
             audio=f"{AUDIO_BOS}{AUDIO_TOKEN}{AUDIO_EOS}", text=item.text or "", instruction=item.instruction or ""
         )
+        if not self.chat:
+            return user
         system = f"<|im_start|>system\n{self.system}<|im_end|>\n" if self.system is not None else ""
         return f"{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{self.assistant}<|im_end|>\n"
 
@@ -198,14 +204,24 @@ def tiny_components(
 
 
 def load_thinker(
-    name_or_path: str, dtype: torch.dtype, attn_implementation: str
+    name_or_path: str, dtype: torch.dtype, attn_implementation: str, quantize: LoraSettings | None = None
 ) -> tuple[Qwen2_5OmniThinkerModel, PreTrainedTokenizerBase, WhisperFeatureExtractor]:
-    """Thinker, tokenizer and feature extractor from a Qwen2.5-Omni (or thinker-only) checkpoint."""
+    """Thinker, tokenizer and feature extractor from a Qwen2.5-Omni (or thinker-only) checkpoint.
+
+    With ``quantize``, the language model's linear layers load as NF4 ``Linear4bit`` on this
+    process's device (the audio and vision towers stay in ``dtype``).
+    """
     config = AutoConfig.from_pretrained(name_or_path)
     if config.model_type == "qwen2_5_omni":  # the full Omni checkpoint nests the thinker's config
         config = config.thinker_config
+    quantized = {}
+    if quantize is not None:
+        quantized = dict(
+            quantization_config=quantize.bnb_config(skip_modules=["audio_tower", "visual"]),
+            device_map={"": local_device()},
+        )
     model = Qwen2_5OmniThinkerModel.from_pretrained(
-        name_or_path, config=config, dtype=dtype, attn_implementation=attn_implementation
+        name_or_path, config=config, dtype=dtype, attn_implementation=attn_implementation, **quantized
     )
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     feature_extractor = WhisperFeatureExtractor.from_pretrained(name_or_path)
@@ -235,8 +251,10 @@ class QwenOmniThinker(Backbone):
         emb_token: marker token appended by the assistant turn.
         padding_side: pad prompts on the ``left`` (as the official processor) or ``right``.
         keep_vision_tower: keep the (unused) vision tower's weights in memory.
-        gradient_checkpointing: recompute language-model activations in the backward pass.
-        lora: LoRA adapters on the language model (its base weights are then frozen).
+        gradient_checkpointing: recompute language-model activations in the backward pass
+            (non-reentrant; composes with FSDP2, whose hooks stay outside the recomputed region).
+        lora: LoRA adapters on the language model (its base weights are then frozen); with
+            ``lora.quantize_4bit`` the language model's linear layers are NF4 (QLoRA).
         freeze_audio_encoder: freeze the audio tower and keep it in eval mode.
         seed: random seed of the tiny model's initialisation.
         tiny_width: hidden width of the tiny model's audio tower and language model.
@@ -263,11 +281,16 @@ class QwenOmniThinker(Backbone):
         super().__init__()
         if tiny == (name_or_path is not None):
             raise ValueError("QwenOmniThinker needs exactly one of name_or_path or tiny=True")
+        quantize = lora if lora is not None and lora.quantize_4bit else None
         if tiny:
             model, tokenizer, feature_extractor = tiny_components(seed, tiny_width)
+            model = model.to(getattr(torch, dtype))
+            if quantize is not None:
+                quantize_linear_4bit(model.language_model, quantize)
         else:
-            model, tokenizer, feature_extractor = load_thinker(name_or_path, getattr(torch, dtype), attn_implementation)
-        model = model.to(getattr(torch, dtype))
+            model, tokenizer, feature_extractor = load_thinker(
+                name_or_path, getattr(torch, dtype), attn_implementation, quantize
+            )
         if not keep_vision_tower:
             del model.visual
         tokenizer.add_tokens([emb_token], special_tokens=True)
@@ -298,6 +321,9 @@ class QwenOmniThinker(Backbone):
 
     def collator(self) -> QwenOmniCollator:
         return self._collator
+
+    def shard_units(self) -> list[torch.nn.Module]:
+        return [*self.model.language_model.layers, *self.model.audio_tower.layers]
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> BackboneOutput:
         out = self.model(**inputs, use_cache=False)
