@@ -4,11 +4,9 @@ Recipes naming real checkpoints run with their tiny overlay ``configs/tiny/<name
 (ablations, strategies) run on top of the demo recipe.
 """
 
-import os
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
 
 from main import main
 
@@ -28,17 +26,9 @@ def config_args(recipe: Path) -> list[str]:
 
 
 def smoke(args: list[str], tmp_path: Path) -> None:
-    # Strategy overlays set up a one-process group and its environment variables in this process;
-    # undo both so that later tests spawning their own process groups start clean.
-    environ = dict(os.environ)
-    try:
-        main(["fit", *args, "--trainer.fast_dev_run", "2", "--trainer.default_root_dir", str(tmp_path),
-              "--test_after_fit", "false", "--trainer.enable_progress_bar", "false"])
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(environ)
+    # conftest.py restores the environment and process group that strategy overlays leave behind
+    main(["fit", *args, "--trainer.fast_dev_run", "2", "--trainer.default_root_dir", str(tmp_path),
+          "--test_after_fit", "false", "--trainer.enable_progress_bar", "false"])
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
