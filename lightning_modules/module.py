@@ -289,6 +289,7 @@ class EmbeddingModule(LightningModule):
     def _log_metric(self, metric: AudioTextRetrieval, stage: str) -> dict[str, float]:
         values = {f"{stage}/{k}": v for k, v in metric.compute().items()}
         metric.reset()
+        # compute() already gathered every rank's embeddings: the values are global, not per rank.
         self.log_dict(values, sync_dist=False)
         return {k: float(v) for k, v in values.items()}
 
