@@ -1,8 +1,19 @@
-"""Callbacks: evaluation reports, embedding writer, hyper-parameter summary, trainable-weight export."""
+"""Callbacks: evaluation reports, embedding projector, embedding writer, hyper-parameter summary, trainable-weight export."""
 
 from callbacks.hparams import HyperparameterSummary
 from callbacks.prediction_writer import EmbeddingWriter
+from callbacks.preemption import PreemptionCheckpoint
+from callbacks.projector import EmbeddingProjector
 from callbacks.report import RetrievalReport
+from callbacks.skipped_samples import SkippedSampleReport
 from callbacks.trainable_weights import TrainableWeightsExport
 
-__all__ = ["EmbeddingWriter", "HyperparameterSummary", "RetrievalReport", "TrainableWeightsExport"]
+__all__ = [
+    "EmbeddingProjector",
+    "EmbeddingWriter",
+    "HyperparameterSummary",
+    "PreemptionCheckpoint",
+    "RetrievalReport",
+    "SkippedSampleReport",
+    "TrainableWeightsExport",
+]

@@ -63,12 +63,14 @@ class EmbeddingWriter(BasePredictionWriter):
         self,
         trainer: Trainer,
         pl_module: LightningModule,
-        prediction: dict[str, Any],
+        prediction: dict[str, Any] | None,
         batch_indices: Any,
         batch: dict[str, Any],
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
+        if prediction is None:  # a batch whose clips were all skipped as bad
+            return
         self._batches.append(
             {
                 "audio": prediction["query"].detach().float().cpu(),

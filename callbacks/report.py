@@ -1,41 +1,135 @@
-"""Prints the test metrics as a table and writes them to a flat JSON file in the run directory."""
+"""Test reports: the flat metrics JSON, a markdown table and a recall-per-k plot in the run directory."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 
 from lightning import Callback, LightningModule, Trainer
 
+__all__ = ["RetrievalReport", "format_markdown", "format_table", "plot_recall"]
+
+#: metric groups that rank candidates; their tables share columns (R@k, mAP@10, medr, meanr).
+RETRIEVAL_GROUPS = ("t2a", "a2t", "t2s", "s2t", "t2t")
+#: every group a metric key may carry after the stage and the optional set name.
+GROUPS = RETRIEVAL_GROUPS + ("hn", "qa", "diag")
+#: the row label of metrics without a set name (the unnamed set, or the mean over named sets).
+UNNAMED = "all"
+
+
+def split_key(key: str) -> tuple[str, str, str]:
+    """``test/clotho/t2a/R@1`` → ``("clotho", "t2a", "R@1")``; ``test/t2a/R@1`` → ``("all", "t2a", "R@1")``."""
+    parts = key.split("/")[1:]  # drop the stage
+    if parts and parts[0] not in GROUPS:
+        name, parts = parts[0], parts[1:]
+    else:
+        name = UNNAMED
+    if len(parts) < 2:
+        raise ValueError(f"metric key {key!r} has no group and name")
+    return name, parts[0], "/".join(parts[1:])
+
+
+def _rows(results: dict[str, float], groups: tuple[str, ...]) -> dict[tuple[str, str], dict[str, float]]:
+    rows: dict[tuple[str, str], dict[str, float]] = {}
+    for key, value in results.items():
+        name, group, metric = split_key(key)
+        if group in groups:
+            rows.setdefault((name, group), {})[metric] = value
+    return rows
+
+
+def _format(value: float) -> str:
+    """Two decimals, or three significant digits for small values (e.g. an MMD of 0.0012)."""
+    return f"{value:.3g}" if 0 < abs(value) < 0.1 else f"{value:.2f}"
+
+
+def _table(rows: dict[tuple[str, str], dict[str, float]]) -> list[str]:
+    names = list(dict.fromkeys(metric for row in rows.values() for metric in row))
+    lines = ["| set | group | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for (name, group), row in rows.items():
+        cells = " | ".join(_format(row[n]) if n in row else "" for n in names)
+        lines.append(f"| {name} | {group} | {cells} |")
+    return lines
+
+
+def format_markdown(results: dict[str, float]) -> str:
+    """One markdown table per kind of metric: retrieval, hard negatives, QA, diagnostics.
+
+    Rows are (set, group), e.g. (clotho, t2a); columns the metric names. Sets without a name (the
+    shorthand set, or the mean over the named audio–text sets) are labelled ``all``.
+    """
+    sections = []
+    for title, groups in (
+        ("Retrieval (R@k, mAP@10 in %, ranks 1-based)", RETRIEVAL_GROUPS),
+        ("Hard negatives (HNSR@k, R@k in %; Δ-rank = rank(negative) − rank(target))", ("hn",)),
+        ("QA by retrieval (accuracy in %)", ("qa",)),
+        ("Embedding diagnostics", ("diag",)),
+    ):
+        rows = _rows(results, groups)
+        if rows:
+            sections.append("\n".join([f"### {title}", "", *_table(rows)]))
+    return "\n\n".join(sections)
+
 
 def format_table(results: dict[str, float]) -> str:
-    """Rows are directions (t2a, a2t), columns the metric names."""
-    rows: dict[str, dict[str, float]] = {}
+    """The retrieval table alone (what ``test`` prints)."""
+    return "\n".join(_table(_rows(results, RETRIEVAL_GROUPS)))
+
+
+def plot_recall(results: dict[str, float], path: str) -> bool:
+    """Plot R@k against k, one line per (set, direction); returns ``False`` when there is no R@k."""
+    curves: dict[str, list[tuple[int, float]]] = {}
     for key, value in results.items():
-        _, direction, name = key.split("/", 2)
-        rows.setdefault(direction, {})[name] = value
-    names = list(dict.fromkeys(name for row in rows.values() for name in row))
-    lines = ["| direction | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for direction, row in rows.items():
-        lines.append(f"| {direction} | " + " | ".join(f"{row.get(n, float('nan')):.2f}" for n in names) + " |")
-    return "\n".join(lines)
+        name, group, metric = split_key(key)
+        match = re.fullmatch(r"R@(\d+)", metric)
+        if match and group in RETRIEVAL_GROUPS:
+            curves.setdefault(f"{name} {group}", []).append((int(match.group(1)), value))
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for label, points in sorted(curves.items()):
+        ks, values = zip(*sorted(points))
+        axes.plot(ks, values, marker="o", label=label)
+    axes.set_xlabel("k")
+    axes.set_ylabel("R@k (%)")
+    axes.set_ylim(0, 100)
+    axes.set_xticks(sorted({k for points in curves.values() for k, _ in points}))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
 
 
 class RetrievalReport(Callback):
-    """After ``test``, prints the retrieval metrics and writes ``<log_dir>/<filename>``.
+    """After ``test``, prints the retrieval table and writes three files into the run directory.
 
-    The JSON is flat: keys such as ``test/t2a/R@1``, ``test/a2t/mAP@10``, ``test/t2a/medr``
-    (R@k and mAP@10 in percent, ranks 1-based). ``log_dir`` is the logger's run directory
-    (``trainer.log_dir``, e.g. ``runs/demo/lightning_logs/version_0``).
+    - ``<stem>.json``: the flat metrics, e.g. ``test/t2a/R@1``, ``test/clotho/a2t/mAP@10``,
+      ``test/mmau/qa/accuracy/sound``, ``test/audiocaps/hn/HNSR@1`` (R@k, mAP@10, accuracies in
+      percent; ranks 1-based).
+    - ``<stem>.md``: the same as markdown tables (retrieval, hard negatives, QA, diagnostics).
+    - ``<stem>.png``: R@k against k per set and direction.
+
+    The run directory is the logger's (``trainer.log_dir``, e.g.
+    ``runs/demo/lightning_logs/version_0``).
 
     Args:
-        filename: name of the JSON file.
+        filename: name of the JSON file; the markdown and PNG files share its stem.
     """
 
     def __init__(self, filename: str = "test_metrics.json"):
         self.filename = filename
-        #: path of the last JSON written.
+        #: paths of the last files written (JSON, markdown, PNG or ``None`` without R@k).
         self.path: str | None = None
+        self.markdown_path: str | None = None
+        self.plot_path: str | None = None
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         results = getattr(pl_module, "test_results", {})
@@ -46,6 +140,11 @@ class RetrievalReport(Callback):
         print("\n" + format_table(results))
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, self.filename)
+        stem = os.path.splitext(self.path)[0]
         with open(self.path, "w") as f:
             json.dump(results, f, indent=2, sort_keys=True)
-        print(f"test metrics written to {self.path}")
+        self.markdown_path = stem + ".md"
+        with open(self.markdown_path, "w") as f:
+            f.write(format_markdown(results) + "\n")
+        self.plot_path = stem + ".png" if plot_recall(results, stem + ".png") else None
+        print(f"test reports written to {self.path} (.md, .png)")

@@ -1,10 +1,11 @@
 """Manifests, audio decoding, datasets and data modules for audio–text retrieval."""
 
 from datamodules.audio import AudioDecodeError, AudioPolicy, audio_duration, load_audio
+from datamodules.bad_samples import REASONS, SkippedSample
 from datamodules.bucketing import DurationBatchSampler, manifest_durations
 from datamodules.datamodule import RetrievalDataModule
 from datamodules.datasets import EpochSampler, EvalDataset, PairDataset
-from datamodules.manifest import ClipRecord, ManifestError, read_json_list, read_jsonl, read_manifest
+from datamodules.manifest import ClipRecord, ManifestError, read_json_list, read_jsonl, read_manifest, screen_audio
 from datamodules.synthetic import SyntheticDataModule, make_synthetic_dataset
 
 __all__ = [
@@ -16,7 +17,9 @@ __all__ = [
     "EvalDataset",
     "ManifestError",
     "PairDataset",
+    "REASONS",
     "RetrievalDataModule",
+    "SkippedSample",
     "SyntheticDataModule",
     "audio_duration",
     "load_audio",
@@ -25,4 +28,5 @@ __all__ = [
     "read_json_list",
     "read_jsonl",
     "read_manifest",
+    "screen_audio",
 ]

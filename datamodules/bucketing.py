@@ -194,6 +194,7 @@ class DurationBatchSampler(Sampler[list[tuple[int, int]]]):
         self.seed = seed
         self.num_replicas, self.rank = _distributed_defaults(num_replicas, rank)
         self.sampler = EpochSampler(len(self.durations), shuffle=True, seed=seed)
+        self._resume = (0, 0)
 
     @property
     def epoch(self) -> int:
@@ -203,6 +204,12 @@ class DurationBatchSampler(Sampler[list[tuple[int, int]]]):
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and random draws the next iteration uses."""
         self.sampler.set_epoch(epoch)
+
+    def resume_at(self, epoch: int, skip: int) -> None:
+        """Start at ``epoch`` and leave its first ``skip`` batches out, as a checkpoint written after
+        them requires (see :mod:`datamodules.resume`); the length stays that of a whole epoch."""
+        self.set_epoch(epoch)
+        self._resume = (epoch, skip)
 
     def _clips_per_rank(self) -> int:
         n, world = len(self.durations), self.num_replicas
@@ -234,7 +241,8 @@ class DurationBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch = self.epoch
-        for batch in self.global_batches():
+        resumed, skip = self._resume
+        for batch in self.global_batches()[skip if epoch == resumed else 0 :]:
             share = len(batch) // self.num_replicas  # batch_size except in the short last batch
             mine = batch[self.rank * share : (self.rank + 1) * share]
             yield [(epoch, int(index)) for index in mine]

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, get_args
 
 import lightning.pytorch as pl
 import numpy as np
-from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.audio import AudioPolicy
 from datamodules.bucketing import DurationBatchSampler, manifest_durations
 from datamodules.datasets import EpochSampler, EvalDataset, PairDataset
-from datamodules.manifest import ClipRecord, read_manifest
+from datamodules.resume import ResumableSampler, resume_position
+from datamodules.eval_sets import DIRECTION_NAMES, EvalSet, HardNegative, qa_layout, read_hard_negatives
+from datamodules.bad_samples import BadSamplePolicy, SkippedSample, count_reasons, format_counts
+from datamodules.manifest import ClipRecord, ManifestError, read_manifest, screen_audio
 
 __all__ = ["RetrievalDataModule"]
+
+log = logging.getLogger(__name__)
 
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
@@ -42,6 +48,10 @@ class RetrievalDataModule(pl.LightningDataModule):
     cropped). Batches are full (``drop_last``): the clips that do not fill the last step are left
     out, different ones each epoch.
 
+    Resuming from a mid-epoch checkpoint, the train loader starts after the batches already trained
+    in that epoch (see :mod:`datamodules.resume`), so the resumed run sees the same batches as an
+    uninterrupted one.
+
     Multi-process training (DDP, FSDP): the data module shards every loader itself, the way
     Lightning would (the train clips over the ranks; validation and test with
     ``DistributedSampler``, padded, which the retrieval metric de-duplicates; predict without
@@ -50,10 +60,20 @@ class RetrievalDataModule(pl.LightningDataModule):
     needs ``use_distributed_sampler=False``: Lightning cannot re-shard a custom batch sampler, and
     this one already gives each rank a disjoint, equal-length share.
 
+    Evaluation can run on several named sets at once (``val_sets`` / ``test_sets``, each an
+    :class:`~datamodules.eval_sets.EvalSet` with its own task: audio–text, speech–text or QA by
+    retrieval); the loaders come in the order of the mapping and each set's metrics are reported
+    under its name. ``val_manifest`` / ``test_manifest`` are the shorthand for one unnamed
+    audio–text set (metric keys without a set name, e.g. ``val/t2a/R@1``).
+
     Args:
         train_manifest: training manifest (``.jsonl`` or ``.json``).
-        val_manifest: validation manifest; ``None`` skips validation.
-        test_manifest: test manifest.
+        val_manifest: validation manifest (one unnamed audio–text set); ``None`` skips validation
+            unless ``val_sets`` is given.
+        test_manifest: test manifest (one unnamed audio–text set).
+        val_sets: named validation sets, e.g. ``{audiocaps: {manifest: ...}, clotho: {manifest: ...,
+            text_text: true}}``; excludes ``val_manifest``.
+        test_sets: named test sets; excludes ``test_manifest``.
         predict_manifest: manifest whose clips :meth:`predict_dataloader` embeds.
         audio_dir: audio folder for ``.json`` list manifests (default: the manifest's folder).
         batch_size: training clips per batch (per device).
@@ -74,6 +94,15 @@ class RetrievalDataModule(pl.LightningDataModule):
             mix less.
         duration_cache_dir: folder of the cached audio durations; ``None`` uses
             ``$XDG_CACHE_HOME/alm-embed/durations`` (``~/.cache/...``), never the dataset's folder.
+        on_bad_sample: what a bad manifest row or audio file does (reasons in
+            :mod:`datamodules.bad_samples`): ``"error"`` stops with an error naming the manifest,
+            the line (or JSON-list entry) and the audio file; ``"skip"`` drops the sample and counts
+            it by reason (never replacing it, so its batch is smaller). Rows and headers dropped in
+            :meth:`setup` are in :attr:`skipped`; clips that fail to decode later are counted per
+            batch; :class:`callbacks.SkippedSampleReport` logs both at every epoch end.
+        check_audio_headers: read every clip's audio header in :meth:`setup` (cheap, no decoding),
+            so that empty, corrupt or unsupported files are found before training rather than
+            when first loaded; ``False`` saves the scan on very large corpora.
     """
 
     def __init__(
@@ -82,6 +111,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         val_manifest: str | None = None,
         test_manifest: str | None = None,
         predict_manifest: str | None = None,
+        val_sets: dict[str, EvalSet] | None = None,
+        test_sets: dict[str, EvalSet] | None = None,
         audio_dir: str | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
@@ -96,8 +127,12 @@ class RetrievalDataModule(pl.LightningDataModule):
         bucket_by_duration: bool = False,
         bucket_pool_multiplier: int = 32,
         duration_cache_dir: str | None = None,
+        on_bad_sample: BadSamplePolicy = "error",
+        check_audio_headers: bool = True,
     ):
         super().__init__()
+        if on_bad_sample not in get_args(BadSamplePolicy):
+            raise ValueError(f"on_bad_sample must be one of {get_args(BadSamplePolicy)}, got {on_bad_sample!r}")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
         if bucket_pool_multiplier < 1:
@@ -108,6 +143,14 @@ class RetrievalDataModule(pl.LightningDataModule):
             "test": test_manifest,
             "predict": predict_manifest,
         }
+        self.named_sets = {"val": dict(val_sets or {}), "test": dict(test_sets or {})}
+        for split, sets in self.named_sets.items():
+            if sets and self.manifests[split] is not None:
+                raise ValueError(f"give either {split}_manifest or {split}_sets, not both")
+            for name, spec in sets.items():
+                _check_set_name(name)
+                if not isinstance(spec, EvalSet):
+                    sets[name] = EvalSet(**spec) if isinstance(spec, dict) else spec
         self.audio_dir = audio_dir
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -121,7 +164,12 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.bucket_by_duration = bucket_by_duration
         self.bucket_pool_multiplier = bucket_pool_multiplier
         self.duration_cache_dir = duration_cache_dir
+        self.on_bad_sample = on_bad_sample
+        self.check_audio_headers = check_audio_headers
         self.records: dict[str, list[ClipRecord]] = {}
+        #: samples dropped in setup under ``skip``, per record key (``train``, ``val``, ``val/<set name>``, ...).
+        self.skipped: dict[str, list[SkippedSample]] = {}
+        self._hard_negatives: dict[str, list[HardNegative]] = {}
         self.sampling_rate: int | None = None
         self.collate_fn: Callable[[list[dict[str, Any]]], Any] | None = None
 
@@ -133,8 +181,56 @@ class RetrievalDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Parse the manifests the stage needs (all of them when ``stage`` is ``None``)."""
         for split in _STAGE_SPLITS.get(stage, tuple(self.manifests)):
-            if self.manifests[split] is not None:
+            if split in self.named_sets:
+                for name, _ in self.eval_sets(split):
+                    self.set_records(split, name)
+                    self.hard_negatives(split, name)
+            elif self.manifests[split] is not None:
                 self._split(split)
+
+    def eval_sets(self, split: str) -> list[tuple[str | None, EvalSet]]:
+        """The ``(name, set)`` pairs of ``val`` or ``test``, in loader order.
+
+        The shorthand ``<split>_manifest`` gives one audio–text set named ``None``.
+        """
+        if self.named_sets[split]:
+            return list(self.named_sets[split].items())
+        if self.manifests[split] is not None:
+            return [(None, EvalSet(self.manifests[split]))]
+        return []
+
+    def _eval_set(self, split: str, name: str | None) -> EvalSet:
+        for set_name, spec in self.eval_sets(split):
+            if set_name == name:
+                return spec
+        raise KeyError(f"no {split} set named {name!r}")
+
+    def set_records(self, split: str, name: str | None) -> list[ClipRecord]:
+        """The clips of one evaluation set (parsed once).
+
+        Raises:
+            ManifestError: the manifest is bad, or the set has no clips.
+        """
+        if name is None:
+            return self._split(split)
+        key = f"{split}/{name}"
+        if key not in self.records:
+            spec = self._eval_set(split, name)
+            records = self._read(key, spec.manifest, spec.audio_dir or self.audio_dir)
+            if not records:
+                raise ManifestError(f"{spec.manifest}: evaluation set '{name}' has no clips")
+            self.records[key] = records
+        return self.records[key]
+
+    def hard_negatives(self, split: str, name: str | None) -> list[HardNegative] | None:
+        """The parsed hard-negative triples of a set, or ``None`` when it has none."""
+        spec = self._eval_set(split, name)
+        if spec.hard_negatives is None:
+            return None
+        key = f"{split}/{name}/hard_negatives"
+        if key not in self._hard_negatives:
+            self._hard_negatives[key] = read_hard_negatives(spec.hard_negatives, self.set_records(split, name))
+        return self._hard_negatives[key]
 
     def _bound(self) -> tuple[int, Callable[[list[dict[str, Any]]], Any]]:
         if self.sampling_rate is None or self.collate_fn is None:
@@ -148,8 +244,30 @@ class RetrievalDataModule(pl.LightningDataModule):
         if self.manifests[split] is None:
             raise ValueError(f"no {split}_manifest was given")
         if split not in self.records:
-            self.records[split] = read_manifest(self.manifests[split], self.audio_dir)
+            records = self._read(split, self.manifests[split], self.audio_dir)
+            if not records and split != "train":
+                raise ManifestError(f"{self.manifests[split]}: the {split} set has no clips")
+            self.records[split] = records
         return self.records[split]
+
+    def _read(self, key: str, manifest: str, audio_dir: str | None) -> list[ClipRecord]:
+        """Parse a manifest and screen its audio headers under the ``on_bad_sample`` policy."""
+        problems: list[SkippedSample] | None = [] if self.on_bad_sample == "skip" else None
+        records = read_manifest(manifest, audio_dir, problems)
+        if self.check_audio_headers:
+            records, _ = screen_audio(records, problems)
+        if problems:
+            counts = format_counts(count_reasons(problems))
+            total = len(records) + len(problems)
+            log.warning("%s: skipped %d of %d rows of %s (%s)", key, len(problems), total, manifest, counts)
+        self.skipped[key] = problems or []
+        return records
+
+    def skipped_counts(self, split: str) -> dict[str, int]:
+        """Samples of a split (``train``, ``val``, ``test``, ``predict``; every named set of it)
+        dropped in :meth:`setup`, by reason."""
+        keys = [key for key in self.skipped if key == split or key.startswith(f"{split}/")]
+        return dict(count_reasons(sample for key in keys for sample in self.skipped[key]))
 
     def _world(self) -> tuple[int, int]:
         """``(world_size, global_rank)`` of the attached trainer; ``(1, 0)`` without one."""
@@ -163,13 +281,30 @@ class RetrievalDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=collate_fn,
+            # Each new iterator draws the workers' base seed from this generator rather than the global
+            # one, so dropout's random stream does not depend on how many loaders were iterated (after
+            # a checkpoint at an epoch's last batch, the resumed run skips that epoch's validation).
+            generator=torch.Generator().manual_seed(self.seed),
             **kwargs,
         )
 
-    def _eval_loader(self, split: str) -> DataLoader:
+    def _eval_loader(self, split: str, name: str | None = None) -> DataLoader:
         sampling_rate, _ = self._bound()
+        if split == "predict":
+            records, text_field, qa = self._split(split), "caption", None
+        else:
+            spec = self._eval_set(split, name)
+            records, text_field = self.set_records(split, name), spec.text_field
+            qa = qa_layout(records, spec.category_field)[:2] if spec.task == "qa" else None
         dataset = EvalDataset(
-            self._split(split), sampling_rate, self.eval_policy, self.query_instruction, self.document_instruction
+            records,
+            sampling_rate,
+            self.eval_policy,
+            self.query_instruction,
+            self.document_instruction,
+            text_field=text_field,
+            on_bad_sample=self.on_bad_sample,
+            qa=qa,
         )
         world, rank = self._world()
         if world == 1:
@@ -201,10 +336,11 @@ class RetrievalDataModule(pl.LightningDataModule):
             caption_fields=self.caption_fields,
             query_instruction=self.query_instruction,
             document_instruction=self.document_instruction,
+            on_bad_sample=self.on_bad_sample,
         )
         # Lightning creates the first epoch's iterator before its first set_epoch call, so start
-        # at the current epoch (non-zero when resuming).
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        # at the epoch it resumes, after the batches a mid-epoch checkpoint has already trained.
+        epoch, done = resume_position(self.trainer)
         world, rank = self._world()
         if self.bucket_by_duration:
             # Lightning keeps the flag on its private accelerator connector. Where it cannot be read,
@@ -224,24 +360,35 @@ class RetrievalDataModule(pl.LightningDataModule):
                 num_replicas=world,
                 rank=rank,
             )
-            batches.set_epoch(epoch)
+            batches.resume_at(epoch, done)
             # batch_size=1 is DataLoader's neutral value next to a batch_sampler.
             return self._loader(dataset, 1, batch_sampler=batches)
-        sampler = EpochSampler(len(dataset), shuffle=True, seed=self.seed)
-        sampler.set_epoch(epoch)
-        if world > 1:
-            # What Lightning injects under use_distributed_sampler=True; given here so that False
-            # shards too. EpochSampler already shuffles, and the wrapper forwards set_epoch to it.
-            sampler = DistributedSamplerWrapper(sampler, num_replicas=world, rank=rank, shuffle=False)
-            sampler.set_epoch(epoch)
+        # What Lightning injects under use_distributed_sampler=True; given here so that False shards
+        # too. EpochSampler already shuffles, and the wrapper forwards set_epoch to it.
+        sampler = ResumableSampler(EpochSampler(len(dataset), shuffle=True, seed=self.seed), world, rank)
+        sampler.resume_at(epoch, done * self.batch_size)
         return self._loader(dataset, self.batch_size, sampler=sampler, drop_last=True)
 
-    def val_dataloader(self) -> DataLoader | list:
-        # An empty list tells Lightning there is nothing to validate.
-        return self._eval_loader("val") if self.manifests["val"] is not None else []
+    def _eval_loaders(self, split: str) -> DataLoader | list[DataLoader]:
+        """One loader per evaluation set (a bare loader for a single set; ``[]`` for none)."""
+        loaders = [self._eval_loader(split, name) for name, _ in self.eval_sets(split)]
+        return loaders[0] if len(loaders) == 1 else loaders
 
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        # An empty list tells Lightning there is nothing to validate.
+        return self._eval_loaders("val")
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        if not self.eval_sets("test"):
+            raise ValueError("no test set: give test_manifest or test_sets")
+        return self._eval_loaders("test")
 
     def predict_dataloader(self) -> DataLoader:
         return self._eval_loader("predict")
+
+
+def _check_set_name(name: str) -> None:
+    """Set names become a metric-key level, so they must not look like one of the other levels."""
+    reserved = {prefix for pair in DIRECTION_NAMES.values() for prefix in pair} | {"t2t", "hn", "qa", "diag"}
+    if not name or "/" in name or name in reserved:
+        raise ValueError(f"invalid evaluation set name {name!r}: non-empty, no '/', not one of {sorted(reserved)}")

@@ -16,6 +16,11 @@ is the same whichever worker process builds it. Data-loader workers hold copies 
 an epoch set on the main process's copy would not reach persistent workers; :class:`EpochSampler`
 therefore sends the epoch along with each index, and :class:`PairDataset` accepts ``(epoch, index)``
 keys as well as plain indices (which use the epoch from :meth:`PairDataset.set_epoch`).
+
+A clip whose audio fails to decode raises :class:`~datamodules.audio.AudioDecodeError` naming the
+manifest row and the file, or, with ``on_bad_sample="skip"``, the dataset returns a
+:class:`~datamodules.bad_samples.SkippedSample` in the item's place, which the collator drops and
+counts (see :class:`lightning_modules.collate.PairCollator`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset, Sampler
 
-from datamodules.audio import AudioPolicy, load_audio
+from datamodules.audio import AudioDecodeError, AudioPolicy, load_audio
+from datamodules.bad_samples import BadSamplePolicy, SkippedSample
 from datamodules.manifest import ClipRecord
 from lightning_modules.inputs import EmbedInput
 
@@ -41,10 +47,28 @@ def _qa_query_text(record: ClipRecord) -> str:
     return text
 
 
-def _query(record: ClipRecord, wave: np.ndarray, instruction: str | None) -> EmbedInput:
+def _query(record: ClipRecord, wave: np.ndarray, instruction: str | None, ask: bool = True) -> EmbedInput:
+    """The query side; QA rows add their question unless ``ask`` is false (e.g. speech→text retrieval)."""
     instruction = record.extra.get("instruction", instruction)
-    text = _qa_query_text(record) if record.is_qa else None
+    text = _qa_query_text(record) if record.is_qa and ask else None
     return EmbedInput(audio=wave, text=text, instruction=instruction)
+
+
+def _load(
+    record: ClipRecord,
+    sampling_rate: int,
+    policy: AudioPolicy,
+    on_bad_sample: BadSamplePolicy,
+    train: bool = False,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray | SkippedSample:
+    """The clip's cropped waveform; a clip that fails to decode raises or, under ``skip``, becomes a marker."""
+    try:
+        return load_audio(record.audio_path, sampling_rate, policy, train, rng)
+    except AudioDecodeError as err:
+        if on_bad_sample == "skip":
+            return SkippedSample(err.reason, record.source, record.audio_path, str(err))
+        raise AudioDecodeError(f"{record.source}: {err}", err.reason, record.audio_path) from err
 
 
 def _item(
@@ -78,6 +102,8 @@ class PairDataset(Dataset):
         query_instruction: instruction attached to the audio side; a row's ``instruction`` field
             overrides it.
         document_instruction: instruction attached to the text side.
+        on_bad_sample: ``"error"`` raises on a clip that fails to decode; ``"skip"`` returns a
+            :class:`~datamodules.bad_samples.SkippedSample` instead of the item.
     """
 
     def __init__(
@@ -90,6 +116,7 @@ class PairDataset(Dataset):
         caption_fields: Sequence[str] = ("caption",),
         query_instruction: str | None = None,
         document_instruction: str | None = None,
+        on_bad_sample: BadSamplePolicy = "error",
     ):
         if not caption_fields:
             raise ValueError("caption_fields must name at least one field")
@@ -103,6 +130,7 @@ class PairDataset(Dataset):
         self.caption_fields = tuple(caption_fields)
         self.query_instruction = query_instruction
         self.document_instruction = document_instruction
+        self.on_bad_sample = on_bad_sample
         self.epoch = 0
         for record in self.records:
             if not record.is_qa and not self._fields_of(record):
@@ -123,12 +151,13 @@ class PairDataset(Dataset):
         caption_seq, crop_seq = np.random.SeedSequence([self.seed, epoch, index]).spawn(2)
         return np.random.default_rng(caption_seq), np.random.default_rng(crop_seq)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | SkippedSample:
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         record = self.records[index]
         caption_rng, crop_rng = self._rngs(epoch, index)
-        wave = load_audio(record.audio_path, self.sampling_rate)
-        wave = self.policy.apply(wave, self.sampling_rate, self.train, crop_rng)
+        wave = _load(record, self.sampling_rate, self.policy, self.on_bad_sample, self.train, crop_rng)
+        if isinstance(wave, SkippedSample):
+            return wave
         query = _query(record, wave, self.query_instruction)
         if record.is_qa:
             return _item(record, index, query, [record.extra["answer"]], "qa", self.document_instruction)
@@ -145,6 +174,11 @@ class EvalDataset(Dataset):
     ``documents`` holds all the clip's captions (for AudioCaps/Clotho, the 5 references); audio QA
     rows give their answer.
 
+    With ``text_field`` other than ``caption`` the documents are that field's texts (e.g. the
+    transcripts of a speech–text set). With ``qa`` (QA by retrieval) the documents are the item's
+    choices, and the item also carries ``answer_slot`` (position of the answer among them) and
+    ``category_index`` (-1 for none).
+
     Args:
         records: clips from :func:`datamodules.manifest.read_manifest`.
         sampling_rate: rate (Hz) the audio is resampled to.
@@ -152,6 +186,10 @@ class EvalDataset(Dataset):
         query_instruction: instruction attached to the audio side; a row's ``instruction`` field
             overrides it.
         document_instruction: instruction attached to the text side.
+        text_field: field whose texts are the documents of non-QA rows.
+        qa: ``(answer_slots, category_indices)`` per record, from :func:`datamodules.eval_sets.qa_layout`.
+        on_bad_sample: ``"error"`` raises on a clip that fails to decode; ``"skip"`` returns a
+            :class:`~datamodules.bad_samples.SkippedSample` instead of the item.
     """
 
     def __init__(
@@ -161,23 +199,41 @@ class EvalDataset(Dataset):
         policy: AudioPolicy,
         query_instruction: str | None = None,
         document_instruction: str | None = None,
+        text_field: str = "caption",
+        qa: tuple[list[int], list[int]] | None = None,
+        on_bad_sample: BadSamplePolicy = "error",
     ):
         self.records = list(records)
         self.sampling_rate = sampling_rate
         self.policy = policy
         self.query_instruction = query_instruction
         self.document_instruction = document_instruction
+        self.text_field = text_field
+        self.qa = qa
+        self.on_bad_sample = on_bad_sample
+        if qa is not None and not (len(qa[0]) == len(qa[1]) == len(self.records)):
+            raise ValueError("qa layout needs one answer slot and one category per record")
+        for record in self.records if qa is None else ():
+            if not (record.is_qa and text_field == "caption") and not record.texts(text_field):
+                raise ValueError(f"{record.source}: clip '{record.id}' has no '{text_field}' text to retrieve")
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> dict[str, Any] | SkippedSample:
         record = self.records[index]
-        wave = self.policy.apply(load_audio(record.audio_path, self.sampling_rate), self.sampling_rate, train=False)
-        query = _query(record, wave, self.query_instruction)
-        if record.is_qa:
+        wave = _load(record, self.sampling_rate, self.policy, self.on_bad_sample)
+        if isinstance(wave, SkippedSample):
+            return wave
+        ask = self.qa is not None or self.text_field == "caption"
+        query = _query(record, wave, self.query_instruction, ask)
+        if self.qa is not None:
+            item = _item(record, index, query, record.texts("choices"), "qa", self.document_instruction)
+            item["answer_slot"], item["category_index"] = self.qa[0][index], self.qa[1][index]
+            return item
+        if record.is_qa and self.text_field == "caption":
             return _item(record, index, query, [record.extra["answer"]], "qa", self.document_instruction)
-        return _item(record, index, query, record.captions, "caption", self.document_instruction)
+        return _item(record, index, query, record.texts(self.text_field), self.text_field, self.document_instruction)
 
 
 class EpochSampler(Sampler):

@@ -2,7 +2,12 @@
 
 Every problem is reported as a :class:`ManifestError` naming the manifest, the line (or list
 entry) and, where relevant, the audio file, and audio files are checked for existence while
-parsing, so a broken row fails before training starts rather than hours into it.
+parsing, so a broken row fails before training starts rather than hours into it. Every row problem
+carries a ``reason`` from :data:`datamodules.bad_samples.MANIFEST_REASONS`. Given a ``problems``
+list, the readers collect the bad rows there (as :class:`~datamodules.bad_samples.SkippedSample`)
+and keep the good ones in order instead of raising; of rows sharing a clip id the first is kept.
+Problems of the file as a whole (missing manifest, unknown extension, a JSON list that does not
+parse) always raise. :func:`screen_audio` does the same for the audio headers.
 
 JSONL: one object per line, blank lines skipped::
 
@@ -26,10 +31,32 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["AUDIO_EXTENSIONS", "ClipRecord", "ManifestError", "read_json_list", "read_jsonl", "read_manifest"]
+from datamodules.audio import AudioDecodeError, audio_duration
+from datamodules.bad_samples import (
+    DUPLICATE_ID,
+    EMPTY_TEXT,
+    INVALID_JSON,
+    MISSING_FIELD,
+    MISSING_FILE,
+    NOT_AN_OBJECT,
+    UNSUPPORTED_FORMAT,
+    WRONG_TYPE,
+    SkippedSample,
+)
+
+__all__ = [
+    "AUDIO_EXTENSIONS",
+    "ClipRecord",
+    "ManifestError",
+    "read_json_list",
+    "read_jsonl",
+    "read_manifest",
+    "screen_audio",
+]
 
 #: extensions tried, in order, when a JSON-list entry names its audio without one.
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
@@ -41,7 +68,24 @@ _STRING_FIELDS = ("instruction", "question", "answer")
 
 
 class ManifestError(ValueError):
-    """A manifest row is malformed or points at a missing audio file."""
+    """A manifest row is malformed or points at a missing audio file.
+
+    Attributes:
+        reason: one of :data:`datamodules.bad_samples.MANIFEST_REASONS`, or ``None`` for a problem
+            that is not about one row.
+        source: ``"manifest:line"`` (or ``"manifest:entry N"``) of the row, or the manifest.
+        path: the row's audio file, when known.
+    """
+
+    def __init__(self, message: str, reason: str | None = None, source: str = "", path: str = ""):
+        super().__init__(message)
+        self.reason = reason
+        self.source = source
+        self.path = path
+
+    def skipped(self) -> SkippedSample:
+        """This problem as a skipped row."""
+        return SkippedSample(self.reason, self.source, self.path, str(self))
 
 
 @dataclass
@@ -88,50 +132,61 @@ class ClipRecord:
         return [value] if isinstance(value, str) else list(value)
 
 
-def _error(where: str, message: str) -> ManifestError:
-    return ManifestError(f"{where}: {message}")
+def _error(where: str, message: str, reason: str | None, path: str = "") -> ManifestError:
+    """A row's error; the message names the row's audio file when it is known."""
+    if path and path not in message:
+        message = f"{message} (audio {path})"
+    return ManifestError(f"{where}: {message}", reason, where, path)
 
 
-def _text_list(value: Any, where: str, name: str) -> list[str]:
+def _text_list(value: Any, where: str, name: str, path: str) -> list[str]:
     """A string or a non-empty list of non-empty strings, as a list."""
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items:
-        raise _error(where, f"'{name}' must be a non-empty string or a non-empty list of strings, got {value!r}")
+        reason = EMPTY_TEXT if items == [] else WRONG_TYPE
+        raise _error(
+            where, f"'{name}' must be a non-empty string or a non-empty list of strings, got {value!r}", reason, path
+        )
     for item in items:
         if not isinstance(item, str) or not item.strip():
-            raise _error(where, f"'{name}' entries must be non-empty strings, got {item!r}")
+            reason = EMPTY_TEXT if isinstance(item, str) else WRONG_TYPE
+            raise _error(where, f"'{name}' entries must be non-empty strings, got {item!r}", reason, path)
     return list(items)
 
 
-def _tag_list(value: Any, where: str) -> list[str]:
+def _tag_list(value: Any, where: str, path: str) -> list[str]:
     if isinstance(value, str):
         return [tag.strip() for tag in value.split(",") if tag.strip()]
     if not isinstance(value, list) or not all(isinstance(tag, str) for tag in value):
-        raise _error(where, f"'tags' must be a list of strings or a comma-separated string, got {value!r}")
+        raise _error(
+            where, f"'tags' must be a list of strings or a comma-separated string, got {value!r}", WRONG_TYPE, path
+        )
     return [tag.strip() for tag in value if tag.strip()]
 
 
 def _record(row: Any, audio_path: str, clip_id: Any, where: str, skip: tuple[str, ...]) -> ClipRecord:
     """Validate the text fields of one row and build its record (``row`` is a parsed JSON value)."""
     if not os.path.isfile(audio_path):
-        raise _error(where, f"audio file not found: {audio_path}")
+        raise _error(where, f"audio file not found: {audio_path}", MISSING_FILE, audio_path)
     if not isinstance(clip_id, str) or not clip_id:
-        raise _error(where, f"clip id must be a non-empty string, got {clip_id!r}")
+        reason = MISSING_FIELD if clip_id == "" else WRONG_TYPE
+        raise _error(where, f"clip id must be a non-empty string, got {clip_id!r}", reason, audio_path)
     extra = {key: value for key, value in row.items() if key not in skip}
     for name in _STRING_FIELDS:
         if name in extra and (not isinstance(extra[name], str) or not extra[name].strip()):
-            raise _error(where, f"'{name}' must be a non-empty string, got {extra[name]!r}")
+            reason = EMPTY_TEXT if isinstance(extra[name], str) else WRONG_TYPE
+            raise _error(where, f"'{name}' must be a non-empty string, got {extra[name]!r}", reason, audio_path)
     for name in _TEXT_LIST_FIELDS:
         if name in extra:
-            _text_list(extra[name], where, name)
+            _text_list(extra[name], where, name, audio_path)
     if "tags" in extra:
-        extra["tags"] = _tag_list(extra["tags"], where)
+        extra["tags"] = _tag_list(extra["tags"], where, audio_path)
     if "caption" in row:
-        captions = _text_list(row["caption"], where, "caption")
+        captions = _text_list(row["caption"], where, "caption", audio_path)
     elif "question" in extra and "answer" in extra:
         captions = []  # audio QA rows are embedded as question + audio -> answer
     else:
-        raise _error(where, f"missing 'caption' (audio {audio_path})")
+        raise _error(where, "missing 'caption'", MISSING_FIELD, audio_path)
     return ClipRecord(id=clip_id, audio_path=audio_path, captions=captions, extra=extra, source=where)
 
 
@@ -141,37 +196,67 @@ def _add_unique(records: list[ClipRecord], seen: dict[str, str], record: ClipRec
             record.source,
             f"duplicate clip id '{record.id}' (first at {seen[record.id]}); put all captions of a clip in "
             "one row's caption list, or give the rows distinct ids",
+            DUPLICATE_ID,
+            record.audio_path,
         )
     seen[record.id] = record.source
     records.append(record)
 
 
-def read_jsonl(path: str) -> list[ClipRecord]:
+def _keep(
+    records: list[ClipRecord],
+    seen: dict[str, str],
+    problems: list[SkippedSample] | None,
+    build: Callable[..., ClipRecord],
+    *args: Any,
+) -> None:
+    """Add the record ``build(*args)`` makes; a bad row raises, or goes to ``problems`` when given."""
+    try:
+        _add_unique(records, seen, build(*args))
+    except ManifestError as err:
+        if problems is None:
+            raise
+        problems.append(err.skipped())
+
+
+def _named_value(value: Any, where: str, what: str) -> str:
+    """A row's non-empty string naming its audio file (``what`` describes the field)."""
+    if value is None or value == "":
+        raise _error(where, f"missing {what}", MISSING_FIELD)
+    if not isinstance(value, str):
+        raise _error(where, f"{what} must be a string, got {value!r}", WRONG_TYPE)
+    return value
+
+
+def _jsonl_row(line: str, where: str, base: str) -> ClipRecord:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise _error(where, f"invalid JSON ({err.msg} at column {err.colno})", INVALID_JSON) from err
+    if not isinstance(row, dict):
+        raise _error(where, f"a row must be a JSON object, got {type(row).__name__}", NOT_AN_OBJECT)
+    audio = _named_value(row.get("audio"), where, "'audio' (path of the audio file)")
+    audio_path = os.path.join(base, os.path.expanduser(audio))
+    return _record(row, audio_path, row.get("id", audio), where, skip=("audio", "caption", "id"))
+
+
+def read_jsonl(path: str, problems: list[SkippedSample] | None = None) -> list[ClipRecord]:
     """Parse a JSONL manifest (see the module docstring for the row format).
 
+    Args:
+        path: the manifest.
+        problems: when given, bad rows are appended here and left out instead of raising.
+
     Raises:
-        ManifestError: on a bad row; the message gives ``path:line``.
+        ManifestError: on a bad row (unless ``problems`` is given); the message gives ``path:line``.
     """
     base = os.path.dirname(os.path.abspath(path))
     records: list[ClipRecord] = []
     seen: dict[str, str] = {}
     with open(path, encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise _error(where, f"invalid JSON ({err.msg} at column {err.colno})") from err
-            if not isinstance(row, dict):
-                raise _error(where, f"a row must be a JSON object, got {type(row).__name__}")
-            audio = row.get("audio")
-            if not isinstance(audio, str) or not audio:
-                raise _error(where, "missing 'audio' (path of the audio file)")
-            audio_path = os.path.join(base, os.path.expanduser(audio))
-            clip_id = row.get("id", audio)
-            _add_unique(records, seen, _record(row, audio_path, clip_id, where, skip=("audio", "caption", "id")))
+            if line.strip():
+                _keep(records, seen, problems, _jsonl_row, line, f"{path}:{line_no}", base)
     return records
 
 
@@ -185,58 +270,106 @@ def _resolve_audio(audio_dir: str, name: str) -> str | None:
     return None
 
 
-def read_json_list(path: str, audio_dir: str | None = None) -> list[ClipRecord]:
+def _list_entry(row: Any, where: str, audio_dir: str) -> ClipRecord:
+    if not isinstance(row, dict):
+        raise _error(where, f"an entry must be a JSON object, got {type(row).__name__}", NOT_AN_OBJECT)
+    name = _named_value(row.get("video_id", row.get("id")), where, "'video_id' or 'id' (name of the audio file)")
+    audio_path = _resolve_audio(audio_dir, name)
+    if audio_path is None:
+        tried = ", ".join([name] + [name + ext for ext in AUDIO_EXTENSIONS])
+        raise _error(
+            where, f"audio file not found in {audio_dir} (tried {tried})", MISSING_FILE, os.path.join(audio_dir, name)
+        )
+    return _record(row, audio_path, name, where, skip=("video_id", "id", "caption"))
+
+
+def read_json_list(
+    path: str, audio_dir: str | None = None, problems: list[SkippedSample] | None = None
+) -> list[ClipRecord]:
     """Parse an AudioCaps/Clotho style JSON list of ``{"video_id"|"id": name, "caption": [...]}``.
 
     Args:
         path: the JSON file.
         audio_dir: folder holding the audio files; defaults to the JSON file's folder.
+        problems: when given, bad entries are appended here and left out instead of raising.
 
     Raises:
-        ManifestError: on a bad entry; the message gives ``path:entry N`` (N is the 0-based list index).
+        ManifestError: on a file that is not a JSON list; on a bad entry (unless ``problems`` is
+            given), the message giving ``path:entry N`` (N is the 0-based list index).
     """
     audio_dir = audio_dir if audio_dir is not None else os.path.dirname(os.path.abspath(path))
     with open(path, encoding="utf-8") as handle:
         try:
             data = json.load(handle)
         except json.JSONDecodeError as err:
-            raise _error(f"{path}:{err.lineno}", f"invalid JSON ({err.msg} at column {err.colno})") from err
+            where = f"{path}:{err.lineno}"
+            raise _error(where, f"invalid JSON ({err.msg} at column {err.colno})", INVALID_JSON) from err
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise _error(path, "expected a JSON list of clip entries (or {'data': [...]})")
+        raise _error(path, "expected a JSON list of clip entries (or {'data': [...]})", WRONG_TYPE)
     records: list[ClipRecord] = []
     seen: dict[str, str] = {}
     for index, row in enumerate(data):
-        where = f"{path}:entry {index}"
-        if not isinstance(row, dict):
-            raise _error(where, f"an entry must be a JSON object, got {type(row).__name__}")
-        name = row.get("video_id", row.get("id"))
-        if not isinstance(name, str) or not name:
-            raise _error(where, "missing 'video_id' or 'id' (name of the audio file)")
-        audio_path = _resolve_audio(audio_dir, name)
-        if audio_path is None:
-            tried = ", ".join([name] + [name + ext for ext in AUDIO_EXTENSIONS])
-            raise _error(where, f"audio file not found in {audio_dir} (tried {tried})")
-        _add_unique(records, seen, _record(row, audio_path, name, where, skip=("video_id", "id", "caption")))
+        _keep(records, seen, problems, _list_entry, row, f"{path}:entry {index}", audio_dir)
     return records
 
 
-def read_manifest(path: str, audio_dir: str | None = None) -> list[ClipRecord]:
+def read_manifest(
+    path: str, audio_dir: str | None = None, problems: list[SkippedSample] | None = None
+) -> list[ClipRecord]:
     """Parse a manifest, choosing the format by extension: ``.jsonl`` rows or a ``.json`` list.
 
     Args:
         path: the manifest file.
         audio_dir: audio folder for the JSON list format (ignored for JSONL, whose paths are
             relative to the manifest).
+        problems: when given, bad rows are appended here (with their reason) and left out instead
+            of raising; the good rows keep their order.
 
     Raises:
-        ManifestError: unknown extension, missing manifest, or a bad row.
+        ManifestError: unknown extension, missing manifest, a file that does not parse as a whole,
+            or (unless ``problems`` is given) a bad row.
     """
     if not os.path.isfile(path):
-        raise ManifestError(f"manifest not found: {path}")
+        raise ManifestError(f"manifest not found: {path}", MISSING_FILE, path)
     if path.endswith(".jsonl"):
-        return read_jsonl(path)
+        return read_jsonl(path, problems)
     if path.endswith(".json"):
-        return read_json_list(path, audio_dir)
-    raise ManifestError(f"{path}: unknown manifest format (expected .jsonl rows or a .json list)")
+        return read_json_list(path, audio_dir, problems)
+    raise ManifestError(
+        f"{path}: unknown manifest format (expected .jsonl rows or a .json list)", UNSUPPORTED_FORMAT, path
+    )
+
+
+def screen_audio(
+    records: list[ClipRecord], problems: list[SkippedSample] | None = None
+) -> tuple[list[ClipRecord], list[float]]:
+    """Read every clip's audio header (no samples are decoded) and keep the clips whose audio opens.
+
+    Finds empty files, unreadable headers, unsupported formats and headers announcing no samples;
+    problems inside the samples (truncation, NaN) only show when a clip is decoded.
+
+    Args:
+        records: clips from :func:`read_manifest`.
+        problems: when given, clips whose header fails are appended here and left out instead of
+            raising.
+
+    Returns:
+        The kept records, in order, and their durations in seconds.
+
+    Raises:
+        AudioDecodeError: a header fails (unless ``problems`` is given); the message starts with the
+            row's ``manifest:line``.
+    """
+    kept, durations = [], []
+    for record in records:
+        try:
+            durations.append(audio_duration(record.audio_path))
+        except AudioDecodeError as err:
+            if problems is None:
+                raise AudioDecodeError(f"{record.source}: {err}", err.reason, record.audio_path) from err
+            problems.append(SkippedSample(err.reason, record.source, record.audio_path, str(err)))
+            continue
+        kept.append(record)
+    return kept, durations

@@ -7,6 +7,12 @@ and temporal texture, so even a tiny randomly initialised audio model can learn 
 
 Validation and test clips never repeat an (event, count) sequence within their split, so no two of
 their captions describe the same content; training clips may repeat a sequence with new audio.
+
+Two extra test sets probe what the captions encode. ``hard``: pairs of clips with the same events
+in opposite order, with a hard-negative file whose query is a caption of one clip and whose
+negative is its mirror (Omni-Embed-Audio's HNSR, arXiv 2604.18360). ``qa``: a question per test
+clip (which sound comes first, or how often the first sound occurs) with 3–4 choices, for QA by
+retrieval.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ import numpy as np
 import soundfile as sf
 
 from datamodules.datamodule import RetrievalDataModule
+from datamodules.eval_sets import EvalSet
 
 __all__ = ["EVENT_TYPES", "SAMPLING_RATE", "SyntheticDataModule", "make_synthetic_dataset"]
 
 SAMPLING_RATE = 16_000
 #: bump when the generator's output changes, so cached datasets are rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 _CAPTIONS_PER_CLIP = 5
 _MIN_SECONDS, _MAX_SECONDS = 1.0, 3.0
 
@@ -313,10 +320,67 @@ def _write_split(folder: str, split: str, size: int, seed: int, unique: bool) ->
     return manifest
 
 
+def _write_hard_split(folder: str, pairs: int, seed: int) -> tuple[str, str]:
+    """Clip pairs with mirrored event order, and the hard-negative triples linking them."""
+    rng = np.random.default_rng([seed, 3])
+    taken: set = set()
+    manifest, triples = os.path.join(folder, "hard.jsonl"), os.path.join(folder, "hard_negatives.jsonl")
+    with open(manifest, "w", encoding="utf-8") as rows, open(triples, "w", encoding="utf-8") as negatives:
+        for i in range(pairs):
+            for _ in range(10_000):
+                events = _draw_events(rng)
+                mirrored = events[::-1]
+                keys = tuple((e.tag, c) for e, c in events), tuple((e.tag, c) for e, c in mirrored)
+                if len(events) < 2 or keys[0] in taken or keys[1] in taken:
+                    continue
+                waves = [_render(events, rng), _render(mirrored, rng)]
+                if all(wave is not None for wave in waves):
+                    taken.update(keys)
+                    break
+            else:
+                raise ValueError("ran out of distinct event sequences; use fewer hard pairs")
+            ids = [f"hard_{i:05d}a", f"hard_{i:05d}b"]
+            captions = [_paraphrases(events, rng), _paraphrases(mirrored, rng)]
+            for clip_id, wave, texts, clip_events in zip(ids, waves, captions, (events, mirrored)):
+                audio = f"audio/{clip_id}.wav"
+                sf.write(os.path.join(folder, audio), wave, SAMPLING_RATE, subtype="PCM_16")
+                row = {"id": clip_id, "audio": audio, "caption": texts, "tags": [e.tag for e, _ in clip_events]}
+                rows.write(json.dumps(row) + "\n")
+            for (target, negative), texts in zip((ids, ids[::-1]), captions):
+                negatives.write(json.dumps({"query": texts[0], "target": target, "negative": negative}) + "\n")
+    return manifest, triples
+
+
+def _write_qa(folder: str, test_manifest: str, seed: int) -> str:
+    """One question per test clip: the first sound's type (``order``) or its count (``count``)."""
+    rng = np.random.default_rng([seed, 4])
+    manifest = os.path.join(folder, "qa.jsonl")
+    with open(test_manifest, encoding="utf-8") as source, open(manifest, "w", encoding="utf-8") as handle:
+        for i, line in enumerate(source):
+            clip = json.loads(line)
+            first = clip["events"][0]
+            if i % 2 == 0:
+                others = [e.tag for e in EVENT_TYPES if e.tag != first["type"]]
+                choices = [first["type"], *rng.choice(others, size=3, replace=False).tolist()]
+                rng.shuffle(choices)
+                question, answer, category = "Which sound is heard first?", first["type"], "order"
+            else:
+                choices = ["once", "twice", "three times"]
+                question = f"How many times is the first sound, the {first['type']}, heard?"
+                answer, category = choices[first["count"] - 1], "count"
+            row = {"id": f"qa_{i:05d}", "audio": clip["audio"], "question": question, "answer": answer,
+                   "choices": choices, "category": category}  # fmt: skip
+            handle.write(json.dumps(row) + "\n")
+    return manifest
+
+
 def make_synthetic_dataset(
-    root: str, seed: int = 0, num_train: int = 400, num_val: int = 60, num_test: int = 100
+    root: str, seed: int = 0, num_train: int = 400, num_val: int = 60, num_test: int = 100, num_hard_pairs: int = 20
 ) -> dict[str, str]:
     """Write the synthetic dataset under ``root`` and return ``{split: manifest path}``.
+
+    Besides ``train``, ``val`` and ``test``, the result names ``hard`` (mirrored clip pairs),
+    ``hard_negatives`` (their triples) and ``qa`` (questions on the test clips).
 
     Each parameter set gets its own sub-folder; a finished folder is reused at once. The folder is
     built under a temporary name and renamed when complete, so concurrent callers (several ranks)
@@ -328,13 +392,14 @@ def make_synthetic_dataset(
         num_train: training clips.
         num_val: validation clips.
         num_test: test clips.
+        num_hard_pairs: mirrored clip pairs of the ``hard`` set.
     """
     sizes = {"train": num_train, "val": num_val, "test": num_test}
-    if min(sizes.values()) < 0:
-        raise ValueError(f"split sizes must be >= 0, got {sizes}")
-    name = f"v{GENERATOR_VERSION}-seed{seed}-{num_train}-{num_val}-{num_test}"
+    if min(sizes.values()) < 0 or num_hard_pairs < 0:
+        raise ValueError(f"split sizes must be >= 0, got {sizes} and num_hard_pairs={num_hard_pairs}")
+    name = f"v{GENERATOR_VERSION}-seed{seed}-{num_train}-{num_val}-{num_test}-{num_hard_pairs}"
     folder = os.path.join(root, name)
-    manifests = {split: os.path.join(folder, f"{split}.jsonl") for split in sizes}
+    manifests = {split: os.path.join(folder, f"{split}.jsonl") for split in (*sizes, "hard", "hard_negatives", "qa")}
     if os.path.isfile(os.path.join(folder, "COMPLETE")):
         return manifests
     os.makedirs(root, exist_ok=True)
@@ -342,8 +407,10 @@ def make_synthetic_dataset(
     try:
         for split, size in sizes.items():
             _write_split(scratch, split, size, seed, unique=split != "train")
+        _write_hard_split(scratch, num_hard_pairs, seed)
+        _write_qa(scratch, os.path.join(scratch, "test.jsonl"), seed)
         with open(os.path.join(scratch, "COMPLETE"), "w", encoding="utf-8") as handle:
-            json.dump({"version": GENERATOR_VERSION, "seed": seed, **sizes}, handle)
+            json.dump({"version": GENERATOR_VERSION, "seed": seed, **sizes, "hard_pairs": num_hard_pairs}, handle)
         os.rename(scratch, folder)
     except OSError:
         if not os.path.isfile(os.path.join(folder, "COMPLETE")):  # lost a race only if the winner finished
@@ -357,7 +424,10 @@ class SyntheticDataModule(RetrievalDataModule):
     """Retrieval data over generated compositional clips (see the module docstring).
 
     The data are generated in :meth:`prepare_data` (or on first use) and cached under ``root``.
-    The predict split is the test split.
+    The predict split is the test split. Testing runs three named sets: ``synthetic`` (the test
+    clips, with caption→caption retrieval and embedding diagnostics), ``synthetic_order`` (mirrored
+    clip pairs with hard negatives; left out when ``num_hard_pairs`` is 0) and ``synthetic_qa``
+    (QA by retrieval on the test clips, per category ``order`` / ``count``).
 
     Args:
         root: cache folder of generated datasets.
@@ -365,6 +435,7 @@ class SyntheticDataModule(RetrievalDataModule):
         num_train: training clips.
         num_val: validation clips.
         num_test: test clips.
+        num_hard_pairs: mirrored clip pairs of the ``synthetic_order`` test set.
         **kwargs: the loader, cropping and instruction settings of :class:`RetrievalDataModule`
             (``batch_size``, ``num_workers``, ``train_max_seconds``, ``caption_fields``,
             ``bucket_by_duration``, ...); the manifests are the generated ones.
@@ -377,18 +448,26 @@ class SyntheticDataModule(RetrievalDataModule):
         num_train: int = 400,
         num_val: int = 60,
         num_test: int = 100,
+        num_hard_pairs: int = 20,
         **kwargs,
     ):
-        manifests = sorted(k for k, v in kwargs.items() if (k.endswith("_manifest") or k == "audio_dir") and v)
+        manifests = sorted(
+            k for k, v in kwargs.items() if (k.endswith(("_manifest", "_sets")) or k == "audio_dir") and v
+        )
         if manifests:
             raise ValueError(f"SyntheticDataModule generates its own manifests; remove {manifests}")
         super().__init__(seed=seed, **kwargs)
         self.root = root
-        self.sizes = {"num_train": num_train, "num_val": num_val, "num_test": num_test}
+        self.sizes = {"num_train": num_train, "num_val": num_val, "num_test": num_test, "num_hard_pairs": num_hard_pairs}
 
     def _generate(self) -> None:
         paths = make_synthetic_dataset(self.root, self.seed, **self.sizes)
-        self.manifests.update(train=paths["train"], val=paths["val"], test=paths["test"], predict=paths["test"])
+        self.manifests.update(train=paths["train"], val=paths["val"], predict=paths["test"])
+        sets = {"synthetic": EvalSet(paths["test"], text_text=True, diagnostics=True)}
+        if self.sizes["num_hard_pairs"]:
+            sets["synthetic_order"] = EvalSet(paths["hard"], hard_negatives=paths["hard_negatives"])
+        sets["synthetic_qa"] = EvalSet(paths["qa"], task="qa")
+        self.named_sets["test"] = sets
 
     def prepare_data(self) -> None:
         self._generate()

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from datamodules.bad_samples import SkippedSample, count_reasons
 from lightning_modules.backbones.base import Collator
 from lightning_modules.inputs import EmbedInput
 
@@ -27,12 +28,22 @@ class PairCollator:
     sampled caption when training, all captions when evaluating), ``clip_index`` and optional
     metadata (``clip_id``, ``caption_kind``, ``tags``). The batch holds the backbone inputs of both
     sides, their modalities, the clip index of every query and document, and unique document keys.
+
+    Examples a dataset skipped (:class:`~datamodules.bad_samples.SkippedSample` markers, under the
+    ``skip`` bad-sample policy) are dropped, never replaced, and counted in ``batch["skipped"]``
+    (``{reason: count}``, empty when none). When every example of a batch was skipped, the batch is
+    ``{"empty": True, "skipped": {...}}`` only; :class:`EmbeddingModule` steps return at once for it
+    (no loss, no optimiser step, nothing embedded).
     """
 
     def __init__(self, backbone_collator: Collator):
         self.backbone_collator = backbone_collator
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, examples: list[dict[str, Any] | SkippedSample]) -> dict[str, Any]:
+        skipped = dict(count_reasons(ex for ex in examples if isinstance(ex, SkippedSample)))
+        examples = [ex for ex in examples if not isinstance(ex, SkippedSample)]
+        if not examples:
+            return {"empty": True, "skipped": skipped}
         queries = [ex["query"] for ex in examples]
         documents, document_index, document_key = [], [], []
         for ex in examples:
@@ -42,7 +53,7 @@ class PairCollator:
                 documents.append(doc)
                 document_index.append(ex["clip_index"])
                 document_key.append(ex["clip_index"] * MAX_DOCS_PER_CLIP + j)
-        return {
+        batch = {
             "query": self.backbone_collator(queries),
             "document": self.backbone_collator(documents),
             "query_modality": side_modality(queries),
@@ -54,4 +65,11 @@ class PairCollator:
             "clip_ids": [ex.get("clip_id", str(ex["clip_index"])) for ex in examples],
             "caption_kinds": [ex.get("caption_kind", "caption") for ex in examples],
             "tags": [ex.get("tags", []) for ex in examples],
+            "skipped": skipped,
         }
+        if "answer_slot" in examples[0]:  # QA by retrieval: the document key of each query's answer
+            batch["answer_key"] = torch.tensor(
+                [ex["clip_index"] * MAX_DOCS_PER_CLIP + ex["answer_slot"] for ex in examples], dtype=torch.long
+            )
+            batch["category_index"] = torch.tensor([ex["category_index"] for ex in examples], dtype=torch.long)
+        return batch

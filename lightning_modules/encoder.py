@@ -36,7 +36,8 @@ def load_embedding_module(ckpt_path: str | Path, config: str | Path | None = Non
     one, and it may hold no tensor the model lacks.
 
     Args:
-        ckpt_path: a Lightning checkpoint (``.ckpt``), a trusted file (it is unpickled).
+        ckpt_path: a Lightning checkpoint (``.ckpt``), read with ``torch.load(weights_only=True)``
+            (tensors and plain values only, no arbitrary unpickling).
         config: the run's config; by default ``<log_dir>/config.yaml`` for a checkpoint under
             ``<log_dir>/checkpoints/``.
     """
@@ -57,7 +58,7 @@ def load_embedding_module(ckpt_path: str | Path, config: str | Path | None = Non
     parser.add_class_arguments(EmbeddingModule, "model", fail_untyped=False, sub_configs=True)
     module = parser.instantiate_classes(parser.parse_object({"model": raw["model"]})).model
 
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     module.on_load_checkpoint(checkpoint)
     result = module.load_state_dict(checkpoint["state_dict"], strict=False)
     trainable = {name for name, p in module.named_parameters() if p.requires_grad}
@@ -132,16 +133,15 @@ class EmbeddingModel(nn.Module):
         return F.normalize(embeddings, dim=-1) if normalize else embeddings
 
     def _waveform(self, audio: AudioLike, sampling_rate: int | None, policy: AudioPolicy) -> np.ndarray:
-        if isinstance(audio, (str, os.PathLike)):
-            wave = load_audio(os.fspath(audio), self.sampling_rate)
-        else:
-            if isinstance(audio, torch.Tensor):
-                audio = audio.detach().cpu().numpy()
-            wave = np.ascontiguousarray(audio, dtype=np.float32)
-            if wave.ndim != 1:
-                raise ValueError(f"audio arrays must be 1-D mono waveforms, got shape {wave.shape}")
-            if sampling_rate is not None and sampling_rate != self.sampling_rate:
-                wave = soxr.resample(wave, sampling_rate, self.sampling_rate, quality="HQ").astype(np.float32)
+        if isinstance(audio, (str, os.PathLike)):  # decodes only the head the policy keeps
+            return load_audio(os.fspath(audio), self.sampling_rate, policy)
+        if isinstance(audio, torch.Tensor):
+            audio = audio.detach().cpu().numpy()
+        wave = np.ascontiguousarray(audio, dtype=np.float32)
+        if wave.ndim != 1:
+            raise ValueError(f"audio arrays must be 1-D mono waveforms, got shape {wave.shape}")
+        if sampling_rate is not None and sampling_rate != self.sampling_rate:
+            wave = soxr.resample(wave, sampling_rate, self.sampling_rate, quality="HQ").astype(np.float32)
         return policy.apply(wave, self.sampling_rate, train=False)
 
     def encode(

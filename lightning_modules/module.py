@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightning import LightningModule
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
@@ -23,12 +26,21 @@ from lightning_modules.collate import PairCollator
 from lightning_modules.grad_cache import RngState, split_inputs
 from lightning_modules.guide import TextGuide
 from lightning_modules.heads import Head, IdentityHead
-from lightning_modules.metrics import AudioTextRetrieval
+from lightning_modules.evaluation import Evaluator, build_evaluators, mean_over_sets
+from lightning_modules.inputs import EmbedInput
 from lightning_modules.poolers import Pooler
-from lightning_modules.weights import load_trainable_state_dict, read_trainable_weights
+from lightning_modules.rng import capture_rng_state, restore_rng_state
+from lightning_modules.weights import (
+    check_checkpoint_state,
+    checkpoint_keys,
+    load_trainable_state_dict,
+    read_trainable_weights,
+)
 from losses.base import ContrastiveLoss, LossOutput
 from losses.infonce import InfoNCE
 from losses.tag_clusters import TagClusterMap
+
+log = logging.getLogger(__name__)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
@@ -66,8 +78,24 @@ class EmbeddingModule(LightningModule):
     The parts are injected (each chosen by ``class_path`` in the YAML config), so a recipe is a
     choice of backbone, pooler, head and loss. Training embeds the query side (audio, or audio and
     question) and the document side (caption or answer) of each pair and applies the loss;
-    validation and test embed every clip and all its captions and report retrieval metrics
-    (``val/t2a/R@1`` ... ``test/a2t/mAP@10``, in percent).
+    validation and test embed every clip and all its captions and report the metrics of each
+    evaluation set the data module declares (``eval_sets``; see :mod:`lightning_modules.evaluation`):
+    ``val/t2a/R@1`` ... ``test/a2t/mAP@10`` (in percent) for one unnamed set, and
+    ``test/<set>/<metric>`` plus the mean over the audio–text sets (``test/t2a/R@1``) for named ones.
+
+    Checkpoints hold the trainable weights and the buffers, not the frozen base weights (rebuilding
+    the model from its config restores those; see :func:`lightning_modules.weights.checkpoint_keys`),
+    so loading is not strict, and :meth:`on_load_checkpoint` checks instead that every trainable
+    weight is there. They also hold every process's random states (Python, NumPy, torch CPU and
+    CUDA), put back when the resumed training starts: with Lightning's loop and optimiser state
+    and the data module's mid-epoch restart, a resumed run repeats the uninterrupted one exactly.
+    FSDP2's sharded checkpoints keep the full state: Lightning's distributed loader needs every key.
+
+    A step whose loss or gradient is not finite (``nonfinite``) is skipped as a whole: the
+    gradients are dropped before the optimiser sees them, so neither the weights nor AdamW's moments
+    and step count change; the skips are counted in ``train/nonfinite_skipped``. Every process takes
+    the same decision. Under ``16-mixed`` precision the gradient check is left to the GradScaler,
+    which skips overflowing steps itself (an overflow is routine there, not an error).
 
     Args:
         backbone: the audio language model used as an encoder.
@@ -92,6 +120,9 @@ class EmbeddingModule(LightningModule):
             stage 2): a ``.safetensors`` file of trainable weights or a Lightning ``.ckpt``. Every
             trainable parameter must be present with the same shape; frozen weights come from
             the backbone's own checkpoint.
+        nonfinite: what a non-finite loss or gradient does: ``"skip"`` leaves out that optimiser
+            step (logged, and counted in ``train/nonfinite_skipped``); ``"error"`` stops training
+            with an error naming the step and the batch's clip ids.
     """
 
     def __init__(
@@ -109,11 +140,16 @@ class EmbeddingModule(LightningModule):
         guide: TextGuide | None = None,
         tag_cluster_file: str | None = None,
         init_from: str | None = None,
+        nonfinite: Literal["skip", "error"] = "skip",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "pooler", "head", "loss", "guide"])
         if grad_cache_chunk_size is not None and grad_cache_chunk_size < 1:
             raise ValueError(f"grad_cache_chunk_size must be positive, got {grad_cache_chunk_size}")
+        if nonfinite not in ("skip", "error"):
+            raise ValueError(f"nonfinite must be 'skip' or 'error', got {nonfinite!r}")
+        # Checkpoints leave the frozen weights out; on_load_checkpoint checks the trainable ones.
+        self.strict_loading = False
         self.automatic_optimization = grad_cache_chunk_size is None
         self.backbone = backbone
         self.pooler = pooler
@@ -123,10 +159,15 @@ class EmbeddingModule(LightningModule):
         self.collate = PairCollator(backbone.collator())
         self.guide = guide.requires_grad_(False) if guide is not None else None
         self.tag_clusters = TagClusterMap.from_file(tag_cluster_file) if tag_cluster_file else TagClusterMap({})
-        self.val_metric = AudioTextRetrieval()
-        self.test_metric = AudioTextRetrieval()
+        self._evaluators: dict[str, list[Evaluator]] = {}
         #: metrics of the last test epoch, read by the report callback.
         self.test_results: dict[str, float] = {}
+        #: optimiser steps skipped for a non-finite loss or gradient (kept in checkpoints).
+        self.nonfinite_skipped = 0
+        # (clip ids, loss) of the batches since the last optimiser step, for the non-finite check.
+        self._step_losses: list[tuple[list[str], torch.Tensor]] = []
+        # every process's random states from a loaded checkpoint, put back when training starts.
+        self._rng_states_to_restore: list[dict[str, Any]] | None = None
         if init_from is not None:
             load_trainable_state_dict(self, read_trainable_weights(init_from, self), source=init_from)
 
@@ -175,6 +216,77 @@ class EmbeddingModule(LightningModule):
         if isinstance(self.backbone, FSDPModule):
             replicated = [p for p in self.parameters() if p.requires_grad and not isinstance(p, DTensor)]
             average_gradients(replicated, self._data_parallel_mesh().get_group())
+        self._guard_nonfinite()
+
+    def _guard_nonfinite(self) -> None:
+        """Skip the coming optimiser step, or raise, if a loss or a gradient is not finite.
+
+        Lightning calls ``on_before_optimizer_step`` on both optimisation paths (inside
+        ``optimizer.step()`` for GradCache's manual one) once the gradients are complete and
+        reduced, before clipping and the update. Dropping the gradients skips the step: AdamW
+        leaves a parameter without gradient untouched, its moments and step count included.
+        """
+        losses, self._step_losses = self._step_losses, []
+        loss_ok = bool(torch.stack([torch.isfinite(loss).all() for _, loss in losses]).all()) if losses else True
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in self.parameters()]
+        grads = [grad for grad in grads if grad is not None]
+        # A GradScaler (16-mixed) skips overflowing steps itself, and lowers its scale.
+        if grads and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            grads_ok = bool(torch.stack([torch.isfinite(grad).all() for grad in grads]).all())
+        else:
+            grads_ok = True
+        if self.trainer.strategy.reduce_boolean_decision(loss_ok and grads_ok, all=True):
+            self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
+            return
+        found = [name for name, ok in (("loss", loss_ok), ("gradients", grads_ok)) if not ok]
+        what = " and ".join(found) or "values on another process"
+        clip_ids = [clip_id for ids, _ in losses for clip_id in ids]
+        where = f"global step {self.global_step} (epoch {self.current_epoch})"
+        if self.hparams.nonfinite == "error":
+            raise FloatingPointError(f"non-finite {what} at {where}; clip ids of this process's batch: {clip_ids}")
+        for param in self.parameters():
+            param.grad = None
+        self.nonfinite_skipped += 1
+        log.warning("non-finite %s at %s: optimiser step skipped (%d so far); clip ids of this process's batch: %s",
+                    what, where, self.nonfinite_skipped, clip_ids)
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Every process calls this while a checkpoint is written, so the states can be gathered here.
+        state = capture_rng_state()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            states: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(states, state)
+        else:
+            states = [state]
+        checkpoint["rng_states"] = states
+        checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
+        weights = checkpoint["state_dict"]
+        if not any(isinstance(tensor, DTensor) for tensor in weights.values()):
+            keep = checkpoint_keys(self)
+            checkpoint["state_dict"] = {key: tensor for key, tensor in weights.items() if key in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A sharded checkpoint has no "state_dict" here: Lightning's distributed loader, which needs
+        # every key, has already read it into the model.
+        if "state_dict" in checkpoint:
+            check_checkpoint_state(self, checkpoint["state_dict"], "the checkpoint")
+        self.nonfinite_skipped = checkpoint.get("nonfinite_skipped", 0)
+        self._rng_states_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        # Not at loading time: Lightning builds the train loader's iterator and runs the sanity check
+        # in between. Here the next random draw is the resumed step's first, as in the original run.
+        states, self._rng_states_to_restore = self._rng_states_to_restore, None
+        if states is None or self.trainer.ckpt_path is None:  # not a fit resumed from that checkpoint
+            return
+        if len(states) == self.trainer.world_size:
+            restore_rng_state(states[self.global_rank])
+        else:
+            rank_zero_warn(
+                f"the checkpoint holds the random states of {len(states)} processes, this run has "
+                f"{self.trainer.world_size}: they are not restored, so dropout draws differ from the original run"
+            )
 
     def embed(self, inputs: dict[str, torch.Tensor], modality: str) -> torch.Tensor:
         """L2-normalised embeddings of one side of a batch."""
@@ -196,12 +308,32 @@ class EmbeddingModule(LightningModule):
             structure["guide_scores"] = self.guide(batch["texts"]).to(self.device)
         return structure
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_loss(self, query: torch.Tensor, document: torch.Tensor, batch: dict[str, Any]) -> LossOutput:
+        """The loss of a training batch.
+
+        Non-finite embeddings, which the loss refuses, give a NaN loss instead, computed on the
+        embeddings with their non-finite values zeroed plus the NaN sum of the embeddings times 0:
+        its backward reaches every weight the loss does, with NaN gradients, so the step goes to the
+        non-finite guard (``nonfinite``) like any other non-finite step, on every process at once.
+        """
+        structure = self.loss_structure(batch)
+        if bool(torch.isfinite(query).all() & torch.isfinite(document).all()):
+            return self.loss(query, document, **structure)
+        out = self.loss(query.nan_to_num(0.0, 0.0, 0.0), document.nan_to_num(0.0, 0.0, 0.0), **structure)
+        return LossOutput(out.loss + 0.0 * (query.sum() + document.sum()), out.logs)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        # A batch whose samples were all skipped as bad (on_bad_sample: skip) trains nothing: returning
+        # None skips the optimiser step. With several processes this is only safe when every rank's
+        # batch is empty at once: the other ranks' gradient reduction would wait for this one.
+        if batch.get("empty"):
+            return None
         if not self.automatic_optimization:
             return self.grad_cache_step(batch)
         query, document = self.embed_batch(batch)
-        out = self.loss(query, document, **self.loss_structure(batch))
+        out = self.training_loss(query, document, batch)
         self._log_train(out, query.shape[0])
+        self._step_losses.append((batch["clip_ids"], out.loss.detach()))
         return out.loss
 
     def _log_train(self, out: LossOutput, batch_size: int) -> None:
@@ -227,6 +359,7 @@ class EmbeddingModule(LightningModule):
 
         with no_sync():
             out = self.grad_cache_backward(batch, backward)
+        self._step_losses.append((batch["clip_ids"], out.loss.detach()))
         optimizer = self.optimizers()
         optimizer.step()
         optimizer.zero_grad()
@@ -264,7 +397,7 @@ class EmbeddingModule(LightningModule):
                     states[side].append(RngState.capture())
                     parts.append(self.embed(chunk, modality))
                 cached[side] = torch.cat(parts).requires_grad_()
-        out = self.loss(cached["query"], cached["document"], **self.loss_structure(batch))
+        out = self.training_loss(cached["query"], cached["document"], batch)
         backward(out.loss, False)
         replays = [
             (chunk, state, grad, modality)
@@ -276,30 +409,65 @@ class EmbeddingModule(LightningModule):
             backward((self.embed(chunk, modality) * grad).sum(), i == len(replays) - 1)
         return out
 
-    def _eval_step(self, batch: dict[str, Any], metric: AudioTextRetrieval) -> None:
+    def evaluators(self, stage: str) -> list[Evaluator]:
+        """The evaluation sets of the running ``val`` or ``test`` epoch, in loader order."""
+        return self._evaluators.get(stage, [])
+
+    def _eval_step(self, batch: dict[str, Any], stage: str, dataloader_idx: int) -> None:
+        if batch.get("empty"):  # every sample of the batch was skipped as bad
+            return
         query, document = self.embed_batch(batch)
-        metric.update(query, batch["query_index"], document, batch["document_index"], batch["document_key"])
+        self.evaluators(stage)[dataloader_idx].update(query, document, batch)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metric)
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "val", dataloader_idx)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metric)
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "test", dataloader_idx)
 
-    def _log_metric(self, metric: AudioTextRetrieval, stage: str) -> dict[str, float]:
-        values = {f"{stage}/{k}": v for k, v in metric.compute().items()}
-        metric.reset()
+    def _start_evaluation(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self._evaluators[stage] = build_evaluators(datamodule, stage, self.device)
+
+    def _finish_evaluation(self, stage: str) -> dict[str, float]:
+        """Compute, log and return every set's metrics (``<stage>/<set>/...``) and their means."""
+        values: dict[str, torch.Tensor] = {}
+        for evaluator in self.evaluators(stage):
+            queries = evaluator.hard_negative_queries()
+            hard_negatives = None
+            if queries is not None:
+                with torch.no_grad():
+                    hard_negatives = (self._embed_texts(queries), *evaluator.hard_negative_ids(self.device))
+            values.update(evaluator.compute(stage, hard_negatives))
+        values.update(mean_over_sets(values, stage))
+        self._evaluators.pop(stage, None)
         # compute() already gathered every rank's embeddings: the values are global, not per rank.
         self.log_dict(values, sync_dist=False)
         return {k: float(v) for k, v in values.items()}
 
+    def _embed_texts(self, texts: list[EmbedInput], batch_size: int = 32) -> torch.Tensor:
+        """Document-side embeddings of extra texts (hard-negative queries), on every rank alike."""
+        parts = []
+        for begin in range(0, len(texts), batch_size):
+            inputs = self.collate.backbone_collator(texts[begin : begin + batch_size])
+            parts.append(self.embed(move_data_to_device(inputs, self.device), "text"))
+        return torch.cat(parts)
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_evaluation("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_evaluation("test")
+
     def on_validation_epoch_end(self) -> None:
-        self._log_metric(self.val_metric, "val")
+        self._finish_evaluation("val")
 
     def on_test_epoch_end(self) -> None:
-        self.test_results = self._log_metric(self.test_metric, "test")
+        self.test_results = self._finish_evaluation("test")
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
+        if batch.get("empty"):  # every sample of the batch was skipped as bad: nothing to write
+            return None
         query, document = self.embed_batch(batch)
         return {
             "query": query,

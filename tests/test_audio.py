@@ -60,8 +60,9 @@ def test_same_rate_is_not_resampled(tmp_path):
 
 def test_missing_file_names_the_file(tmp_path):
     path = tmp_path / "nowhere.wav"
-    with pytest.raises(AudioDecodeError, match="nowhere.wav"):
+    with pytest.raises(AudioDecodeError, match="nowhere.wav") as info:
         load_audio(str(path), TARGET_RATE)
+    assert info.value.reason == "missing_file"
     with pytest.raises(AudioDecodeError, match="nowhere.wav"):
         audio_duration(str(path))
 
@@ -71,7 +72,7 @@ def test_undecodable_file_names_the_file(tmp_path):
     path.write_bytes(b"this is not audio at all" * 10)
     with pytest.raises(AudioDecodeError, match="broken.flac") as info:
         load_audio(str(path), TARGET_RATE)
-    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, ValueError) and info.value.reason == "unreadable_header"
     with pytest.raises(AudioDecodeError, match="broken.flac"):
         audio_duration(str(path))
 
@@ -79,8 +80,9 @@ def test_undecodable_file_names_the_file(tmp_path):
 def test_empty_file_is_an_error(tmp_path):
     path = tmp_path / "empty.wav"
     sf.write(path, np.zeros(0, dtype=np.float32), TARGET_RATE)
-    with pytest.raises(AudioDecodeError, match="empty.wav"):
+    with pytest.raises(AudioDecodeError, match="empty.wav") as info:
         load_audio(str(path), TARGET_RATE)
+    assert info.value.reason == "no_samples"
 
 
 def test_duration_reads_header(tmp_path):

@@ -236,8 +236,12 @@ def test_datamodule_under_a_distributed_trainer(synthetic, tmp_path):
     dm = _bucketed(synthetic, tmp_path)
     module = SimpleNamespace(backbone=SimpleNamespace(sampling_rate=16000), collate=_identity)
 
+    # Lightning's loop counters between epochs 1 and 2, where the train loader starts (datamodules.resume).
+    epochs = SimpleNamespace(current=SimpleNamespace(started=2, processed=2))
+    fit_loop = SimpleNamespace(epoch_progress=epochs, epoch_loop=None)
+
     def trainer(flag: bool, rank: int) -> SimpleNamespace:
-        return SimpleNamespace(lightning_module=module, current_epoch=2, world_size=2, global_rank=rank,
+        return SimpleNamespace(lightning_module=module, fit_loop=fit_loop, world_size=2, global_rank=rank,
                                _accelerator_connector=SimpleNamespace(use_distributed_sampler=flag))  # fmt: skip
 
     dm.trainer = trainer(True, 0)

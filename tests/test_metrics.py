@@ -11,7 +11,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_modules import metrics
-from lightning_modules.metrics import AudioTextRetrieval, retrieval_metrics
+from lightning_modules.metrics import (
+    AudioTextRetrieval,
+    QARetrievalAccuracy,
+    hard_negative_metrics,
+    qa_accuracy,
+    retrieval_metrics,
+    text_text_metrics,
+)
 
 KEYS = [f"{d}/{m}" for d in ("t2a", "a2t") for m in ("R@1", "R@5", "R@10", "mAP@10", "medr", "meanr")]
 
@@ -109,6 +116,42 @@ def make_dataset(num_audio, dim, captions, generator, levels=None, duplicate_row
     return audio_emb, audio_ids, text_emb[perm], text_ids[perm], text_keys[perm]
 
 
+def integer_rows(n, dim, generator, levels=1):
+    """Rows with values in {-levels..levels}: dot products are exact, so equal scores are real ties."""
+    return torch.randint(-levels, levels + 1, (n, dim), generator=generator).float()
+
+
+def qa_data(seed, num_queries=30):
+    g = torch.Generator().manual_seed(seed)
+    num_choices = torch.randint(1, 5, (num_queries,), generator=g)
+    choice_item = torch.arange(num_queries).repeat_interleave(num_choices)
+    query_emb = integer_rows(num_queries, 2, g)
+    choice_emb = integer_rows(choice_item.numel(), 2, g)  # 9 distinct rows: many exact ties
+    starts = num_choices.cumsum(0) - num_choices
+    answer = starts + (torch.rand(num_queries, generator=g) * num_choices).long()
+    perm = torch.randperm(choice_item.numel(), generator=g)  # choices need not be grouped
+    inverse = perm.argsort()
+    categories = torch.randint(-1, 2, (num_queries,), generator=g)  # category 2 stays empty
+    return query_emb, choice_emb[perm], choice_item[perm], inverse[answer], categories
+
+
+def qa_batches(seed):
+    """One QA set as the data module sends it: item indices, choice keys item * 1000 + j."""
+    query_emb, choice_emb, choice_item, answer_choice, categories = qa_data(seed, num_queries=12)
+    choice_key = choice_item * 1000 + torch.arange(choice_item.numel())
+    item_index = torch.arange(12) + 100
+    return query_emb, item_index, choice_emb, choice_item + 100, choice_key, choice_key[answer_choice], categories
+
+
+def feed_qa(metric, query_emb, item_index, choice_emb, choice_item, choice_key, answer_key, categories, items):
+    for batch in torch.tensor(items).split(5):
+        mine = torch.isin(choice_item, item_index[batch])
+        metric.update(
+            query_emb[batch], item_index[batch], choice_emb[mine], choice_item[mine], choice_key[mine],
+            answer_key[batch], categories[batch],
+        )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
 # Tests
 # ---------------------------------------------------------------------------------------------
@@ -121,9 +164,10 @@ def test_matches_reference_on_random_unit_vectors(seed):
     assert_matches(retrieval_metrics(*data, chunk_size=7), reference(*data))
 
 
-@pytest.fixture(params=["compare", "sort"])
+@pytest.fixture(params=["compare", "sort", "sparse"])
 def counting(request, monkeypatch):
-    """Run a test through both ways of counting candidates that score >= a relevant item."""
+    """Run a test through each way of counting candidates that score >= a relevant item."""
+    monkeypatch.setattr(metrics, "SPARSE_MAX_FRACTION", math.inf if request.param == "sparse" else 0.0)
     if request.param == "sort":
         monkeypatch.setattr(metrics, "COMPARE_MAX_SLOTS", 0)
     return request.param
@@ -234,6 +278,63 @@ def test_chunk_size_does_not_change_results(counting):
         assert all(torch.equal(result[k], full[k]) for k in KEYS), chunk_size
 
 
+def test_direction_names_only_rename_keys():
+    data = hand_example()
+    default = retrieval_metrics(*data)
+    speech = retrieval_metrics(*data, names=("t2s", "s2t"))
+    assert sorted(speech) == sorted(k.replace("t2a", "t2s").replace("a2t", "s2t") for k in default)
+    assert all(torch.equal(speech[k.replace("t2a", "t2s").replace("a2t", "s2t")], v) for k, v in default.items())
+    with pytest.raises(ValueError, match="names"):
+        retrieval_metrics(*data, names=("t2a", "t2a"))
+    with pytest.raises(ValueError, match="block_size"):
+        retrieval_metrics(*data, block_size=0)
+
+
+class ScoreBlocks(torch.Tensor):
+    """Candidates that record the shape of every score block multiplied out of them."""
+
+    shapes: list[tuple[int, ...]] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        if getattr(func, "__name__", None) in ("matmul", "__matmul__", "mm"):
+            cls.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("num_probes", [1, 3, 11])
+def test_probe_counts_against_brute_force_and_block_budget(num_probes, counting, monkeypatch):
+    g = torch.Generator().manual_seed(13)
+    queries = torch.randint(-1, 2, (10, 3), generator=g).float()
+    candidates = torch.randint(-1, 2, (23, 3), generator=g).float()
+    # 5 blocks of 5 candidates (the last holds 3), 3 chunks of 4 queries: chunk 0 probes only block
+    # 0, chunk 1 blocks 1 and 3, chunk 2 has no valid probe at all.
+    probe_index = torch.randint(0, 5, (10, num_probes), generator=g)
+    probe_index[4:8] += torch.where(torch.rand(4, num_probes, generator=g) < 0.5, 5, 15)
+    probe_valid = torch.rand(10, num_probes, generator=g) < 0.8
+    probe_valid[4:8, 0] = True
+    probe_index[4:6, 0] = torch.tensor([5, 15])
+    probe_valid[8:] = False
+    strict = torch.rand(10, num_probes, generator=g) < 0.5
+
+    monkeypatch.setattr(ScoreBlocks, "shapes", [])
+    scores, counts = metrics._probe_counts(
+        queries, candidates.as_subclass(ScoreBlocks), probe_index, probe_valid, strict, chunk_size=4, block_size=5
+    )
+    full = queries @ candidates.T
+    for q in range(10):
+        for p in range(num_probes):
+            if probe_valid[q, p]:
+                v = full[q, probe_index[q, p]]
+                assert scores[q, p] == v
+                assert counts[q, p] == ((full[q] > v) if strict[q, p] else (full[q] >= v)).sum()
+    # Every block once per chunk, plus the probe blocks of pass 1 except the one reused: 5 + 0,
+    # 5 + 1 and 5 + 0 products, none larger than chunk_size x block_size.
+    assert len(ScoreBlocks.shapes) == 16
+    assert all(rows <= 4 and cols <= 5 for rows, cols in ScoreBlocks.shapes)
+
+
 def test_invariant_to_input_order():
     g = torch.Generator().manual_seed(8)
     audio_emb, audio_ids, text_emb, text_ids, text_keys = make_dataset(25, 3, (1, 5), g, levels=1)
@@ -310,6 +411,11 @@ def _ddp_dataset():
     return make_dataset(13, 4, (1, 5), torch.Generator().manual_seed(11), levels=2, duplicate_rows=5)
 
 
+def _ddp_hard_negatives():
+    audio_ids = _ddp_dataset()[1]
+    return integer_rows(4, 4, torch.Generator().manual_seed(12)), audio_ids[:4], audio_ids[4:8]
+
+
 def _ddp_worker(rank, init_file, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     try:
@@ -319,15 +425,23 @@ def _ddp_worker(rank, init_file, out_file):
         clips = list(range(13)) + [0]
         mine = torch.tensor(clips[rank::WORLD_SIZE])
         metric = AudioTextRetrieval(chunk_size=5)
+        # Same data through the streaming path with caption-caption and hard-negative metrics.
+        extras = AudioTextRetrieval(chunk_size=3, block_size=4, text_text=True)
         for batch in mine.chunk(3):
             captions = torch.isin(text_ids, audio_ids[batch])
-            metric.update(
-                audio_emb[batch], audio_ids[batch],
-                text_emb[captions], text_ids[captions], text_keys[captions],
-            )  # fmt: skip
+            for m in (metric, extras):
+                m.update(
+                    audio_emb[batch], audio_ids[batch],
+                    text_emb[captions], text_ids[captions], text_keys[captions],
+                )  # fmt: skip
         result = metric.compute()
+        extra = extras.compute_with(_ddp_hard_negatives())
+        # QA: 12 items padded to 14 with items 5 and 6 repeated.
+        qa = QARetrievalAccuracy(category_names=["a", "b"])
+        feed_qa(qa, *qa_batches(14), items=(list(range(12)) + [5, 6])[rank::WORLD_SIZE])
+        extra.update(qa.compute())
         if rank == 0:
-            torch.save(result, out_file)
+            torch.save({"retrieval": result, "extras": extra}, out_file)
     finally:
         dist.destroy_process_group()
 
@@ -335,8 +449,19 @@ def _ddp_worker(rank, init_file, out_file):
 def test_two_process_gather_equals_single_process(tmp_path):
     out_file = tmp_path / "result.pt"
     mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(out_file)), nprocs=WORLD_SIZE)
-    gathered = torch.load(out_file)
+    saved = torch.load(out_file)
+    gathered = saved["retrieval"]
     data = _ddp_dataset()
     expected = retrieval_metrics(*data)
     assert all(torch.equal(gathered[k], expected[k]) for k in KEYS)
     assert_matches(gathered, reference(*data))
+
+    # compute_with gathers like compute (the hard negatives are used as given on every rank).
+    audio_emb, audio_ids, text_emb, text_ids, text_keys = data
+    query_emb = _ddp_hard_negatives()[0]
+    expected.update(text_text_metrics(text_emb, text_ids, text_keys))
+    expected.update(hard_negative_metrics(query_emb, audio_emb, torch.arange(4), torch.arange(4, 8)))
+    query_emb, choice_emb, choice_item, answer_choice, categories = qa_data(14, num_queries=12)
+    expected.update(qa_accuracy(query_emb, choice_emb, choice_item, answer_choice, categories, ["a", "b"]))
+    assert sorted(saved["extras"]) == sorted(expected)
+    assert all(torch.equal(saved["extras"][k], expected[k]) for k in expected)

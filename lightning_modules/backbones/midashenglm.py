@@ -26,6 +26,7 @@ token ``<|im_end|>`` (id 151645 in the Qwen vocabulary): ALM2Vec's "[EOS]" embed
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ from lightning_modules.backbones.base import Backbone, BackboneOutput
 from lightning_modules.backbones.offline_tokenizer import build_offline_tokenizer
 from lightning_modules.backbones.dasheng import DashengConfig, DashengEncoder, num_encoder_patches
 from lightning_modules.inputs import EmbedInput
+
+log = logging.getLogger(__name__)
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -480,7 +483,8 @@ class MiDashengLMBackbone(Backbone):
             ``"flash_attention_2"``).
         trust_remote_code: load the official modeling code with
             ``AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`` instead of this
-            module's implementation. Needs network access to the hub; not exercised by the tests.
+            module's implementation: it runs Python code from the checkpoint, so it is off unless a
+            config turns it on, and a warning is logged when it is. Needs network access to the hub.
         freeze_audio_encoder: freeze the whole audio path (Dasheng encoder and projector): no
             gradients, and kept in eval mode even when the backbone is put in train mode.
         system_prompt: text of the system turn; ``None`` leaves the system turn out.
@@ -518,6 +522,7 @@ class MiDashengLMBackbone(Backbone):
         elif trust_remote_code:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
+            log.warning("trust_remote_code=True: running the modeling code that comes with %s", name_or_path)
             self.model = AutoModelForCausalLM.from_pretrained(
                 name_or_path, trust_remote_code=True, dtype=torch_dtype, attn_implementation=attn_implementation
             )

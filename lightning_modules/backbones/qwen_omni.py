@@ -39,6 +39,9 @@ QWEN_SPECIAL_TOKENS = [
     "<|vision_bos|>",
     "<|vision_eos|>",
 ]
+#: Whisper frames a clip needs for the audio tower to emit at least one token (see
+#: :func:`audio_token_count`); shorter clips are zero-padded to this many hops (30 ms at 16 kHz).
+MIN_AUDIO_FRAMES = 3
 
 
 def audio_token_count(feature_lengths: torch.Tensor | int) -> torch.Tensor | int:
@@ -94,7 +97,9 @@ class QwenOmniCollator:
     Each audio's ``<|AUDIO|>`` slot is expanded to :func:`audio_token_count` placeholders. Whisper
     features are padded to the batch's longest clip rather than to 30 s: waveforms get zero padding
     past the longest clip (so its last frames see zeros, as in the 30 s padding), and the frames past
-    the longest clip are dropped. Valid frames are identical to the official processor's.
+    the longest clip are dropped. Valid frames are identical to the official processor's. Clips
+    shorter than :data:`MIN_AUDIO_FRAMES` hops are zero-padded to it, so that every clip gets at
+    least one audio token.
     """
 
     def __init__(
@@ -111,6 +116,8 @@ class QwenOmniCollator:
 
     def features(self, waves: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         fe = self.feature_extractor
+        shortest = MIN_AUDIO_FRAMES * fe.hop_length
+        waves = [np.pad(w, (0, shortest - len(w))) if len(w) < shortest else w for w in waves]
         longest = max(len(w) for w in waves)
         if longest > fe.n_samples:
             raise ValueError(

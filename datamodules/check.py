@@ -1,0 +1,162 @@
+"""``python main.py check-data --config configs/<recipe>.yaml [--config overlay.yaml ...]``.
+
+Scans every manifest of the config's ``data`` section and every audio header they point at, and
+prints what is wrong, whatever ``on_bad_sample`` says: per split the rows read, the rows that are
+fine and the problems per reason (see :mod:`datamodules.bad_samples`), then the first problems as
+``manifest:line  reason  file  detail``, then warnings (valid clips shorter than
+:data:`~datamodules.bad_samples.SHORT_CLIP_SECONDS`). Exit status 1 when anything is wrong, else 0.
+
+Only the data module is built, from the ``data`` sections of the configs (merged in order, like
+the training CLI; short class names such as ``SyntheticDataModule`` work), so a 7B recipe is
+checked without loading its model. Samples are not decoded: truncated or non-finite audio only
+shows when a clip is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+
+import yaml
+from jsonargparse import ArgumentParser
+
+from datamodules.bad_samples import SHORT_CLIP_SECONDS, SkippedSample, count_reasons, format_counts
+from datamodules.datamodule import RetrievalDataModule
+from datamodules.manifest import ManifestError, read_manifest, screen_audio
+
+__all__ = ["SplitCheck", "check_manifest", "format_report", "load_datamodule", "main"]
+
+
+@dataclass
+class SplitCheck:
+    """What the scan of one manifest found.
+
+    Attributes:
+        split: ``train``, ``val``, ``test``, ``predict``, or ``<split>/<set name>``.
+        manifest: the manifest's path.
+        rows: rows (or JSON-list entries) read.
+        problems: the bad rows and audio files, in manifest order per kind.
+        short_clips: ``(row source, audio path, seconds)`` of valid clips that are very short.
+        failure: why the manifest as a whole could not be read (``None`` when it could).
+    """
+
+    split: str
+    manifest: str
+    rows: int = 0
+    problems: list[SkippedSample] = field(default_factory=list)
+    short_clips: list[tuple[str, str, float]] = field(default_factory=list)
+    failure: str | None = None
+
+    @property
+    def ok(self) -> int:
+        """Rows with nothing wrong."""
+        return self.rows - len(self.problems)
+
+
+def load_datamodule(configs: list[str]) -> RetrievalDataModule:
+    """The data module of the configs' ``data`` sections, merged in order; nothing else is built.
+
+    Raises:
+        ValueError: no config has a ``data`` section.
+    """
+    parser = ArgumentParser(prog="main.py check-data", exit_on_error=False)
+    parser.add_subclass_arguments(RetrievalDataModule, "data", required=True)
+    args = []
+    for path in configs:
+        with open(path, encoding="utf-8") as handle:
+            section = (yaml.safe_load(handle) or {}).get("data")
+        if section is not None:
+            args += ["--data", json.dumps(section)]
+    if not args:
+        raise ValueError(f"no 'data' section in {configs}")
+    config = parser.parse_args(args)
+    instantiate = getattr(parser, "instantiate", parser.instantiate_classes)
+    return instantiate(config).data
+
+
+def _manifests(datamodule: RetrievalDataModule) -> list[tuple[str, str, str | None]]:
+    """``(split, manifest, audio_dir)`` of every manifest the data module would read."""
+    found = []
+    for split in ("train", "val", "test", "predict"):
+        if split in datamodule.named_sets:
+            for name, spec in datamodule.eval_sets(split):
+                key = split if name is None else f"{split}/{name}"
+                found.append((key, spec.manifest, spec.audio_dir or datamodule.audio_dir))
+        elif datamodule.manifests[split] is not None:
+            found.append((split, datamodule.manifests[split], datamodule.audio_dir))
+    return found
+
+
+def check_manifest(split: str, manifest: str, audio_dir: str | None = None) -> SplitCheck:
+    """Scan one manifest and its audio headers, collecting every problem instead of stopping."""
+    result = SplitCheck(split, manifest)
+    try:
+        records = read_manifest(manifest, audio_dir, result.problems)
+    except ManifestError as err:
+        result.failure = str(err)
+        return result
+    result.rows = len(records) + len(result.problems)
+    kept, durations = screen_audio(records, result.problems)
+    result.problems.sort(key=_row_number)  # row problems, then header problems -> manifest order
+    result.short_clips = [(r.source, r.audio_path, d) for r, d in zip(kept, durations) if d < SHORT_CLIP_SECONDS]
+    return result
+
+
+def _row_number(problem: SkippedSample) -> int:
+    """The line (or entry) number ending a ``manifest:line`` or ``manifest:entry N`` source."""
+    return int(problem.source.rsplit(" ", 1)[-1].rsplit(":", 1)[-1])
+
+
+def _detail(problem: SkippedSample) -> str:
+    """The error message without the row and file the report lists in columns of their own."""
+    detail = problem.detail.removeprefix(f"{problem.source}: ")
+    return detail.removesuffix(f" (audio {problem.path})") if problem.path else detail
+
+
+def format_report(checks: list[SplitCheck], max_problems: int = 20) -> str:
+    """The report ``check-data`` prints (see the module docstring)."""
+    lines = [f"{'split':<12} {'rows':>8} {'ok':>8}  problems  (manifest)"]
+    for check in checks:
+        if check.failure is not None:
+            lines.append(f"{check.split:<12} {'-':>8} {'-':>8}  unreadable manifest  ({check.manifest})")
+            continue
+        counts = format_counts(count_reasons(check.problems))
+        lines.append(f"{check.split:<12} {check.rows:>8} {check.ok:>8}  {counts}  ({check.manifest})")
+    for check in checks:
+        if check.failure is not None:
+            lines.append(f"cannot read {check.manifest}: {check.failure}")
+    problems = [p for check in checks for p in check.problems]
+    if problems:
+        lines.append(f"problems (first {min(max_problems, len(problems))} of {len(problems)}):")
+        lines += [f"  {p.source}  {p.reason}  {p.path or '-'}  {_detail(p)}" for p in problems[:max_problems]]
+    short = [clip for check in checks for clip in check.short_clips]
+    if short:
+        lines.append(f"warnings: {len(short)} clips shorter than {SHORT_CLIP_SECONDS} s (valid; padded for the model)")
+        lines += [f"  {source}  short_clip  {path}  {seconds:.3f} s" for source, path, seconds in short[:max_problems]]
+    failed = sum(check.failure is not None for check in checks)
+    verdict = f"{len(problems)} problems" + (f", {failed} unreadable manifests" if failed else "")
+    lines.append(f"result: {verdict}" if problems or failed else "result: no problems")
+    return "\n".join(lines)
+
+
+def main(args: list[str] | None = None) -> int:
+    """Run ``check-data``; returns the exit status (1 when anything is wrong, 0 otherwise)."""
+    parser = argparse.ArgumentParser(
+        prog="main.py check-data",
+        description="Scan the manifests and audio headers of a config's data section and report bad samples.",
+    )
+    parser.add_argument("--config", action="append", required=True, help="recipe YAML; repeat to add overlays")
+    parser.add_argument("--max_problems", type=int, default=20, help="problems and warnings listed in full")
+    options = parser.parse_args(args)
+    datamodule = load_datamodule(options.config)
+    datamodule.prepare_data()  # generated data sets (SyntheticDataModule) write their manifests here
+    checks, seen = [], {}
+    for split, manifest, audio_dir in _manifests(datamodule):
+        if (manifest, audio_dir) in seen:
+            print(f"{split}: same manifest as {seen[manifest, audio_dir]} ({manifest})")
+            continue
+        seen[manifest, audio_dir] = split
+        checks.append(check_manifest(split, manifest, audio_dir))
+    print(format_report(checks, options.max_problems))
+    return int(any(check.problems or check.failure is not None for check in checks))

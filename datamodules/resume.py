@@ -1,0 +1,80 @@
+"""Mid-epoch resume of the training data.
+
+Lightning 2.6 restores its loop counters from a checkpoint before it asks the data module for the
+train loader, but it cannot fast-forward a map-style loader: after a mid-epoch checkpoint it warns
+("your dataloader is not resumable"), continues ``batch_idx`` from the restored count, ends the
+epoch when that count reaches the epoch's length, and meanwhile iterates the loader from its start,
+so the resumed epoch sees its first batches again and never its last ones.
+
+:func:`resume_position` reads where the next batch belongs from the restored counters, and the
+training samplers start that epoch there (:class:`ResumableSampler`, and
+:meth:`~datamodules.bucketing.DurationBatchSampler.resume_at` with duration bucketing): the loader
+keeps the full epoch's length (Lightning counts the skipped batches as done), and the batches left
+out are never loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import islice
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from torch.utils.data import Sampler
+
+__all__ = ["ResumableSampler", "resume_position"]
+
+
+def resume_position(trainer: pl.Trainer | None) -> tuple[int, int]:
+    """``(epoch, batches of it already trained)`` for the next training batch of ``trainer``.
+
+    Without a restored checkpoint this is ``(current epoch, 0)``. After one, the counters tell which
+    point of the epoch the checkpoint was written at:
+
+    - between epochs (an epoch-end or epoch-start checkpoint): the next epoch, from its start;
+    - after the epoch's last batch but before its end hooks (a step checkpoint, a preemption):
+      Lightning moves on to the next epoch, so the loader does too;
+    - mid-epoch: the same epoch, after the batches whose step completed.
+    """
+    if trainer is None:
+        return 0, 0
+    epochs = trainer.fit_loop.epoch_progress.current
+    if epochs.started == epochs.processed:
+        return epochs.processed, 0
+    batches = trainer.fit_loop.epoch_loop.batch_progress
+    if batches.is_last_batch:
+        return epochs.processed + 1, 0
+    return epochs.processed, batches.current.processed
+
+
+class ResumableSampler(DistributedSamplerWrapper):
+    """Shards ``sampler`` over ``num_replicas`` ranks, as Lightning's own wrapper does, and can leave
+    the first indices of this rank out of the epoch a checkpoint resumes (:meth:`resume_at`).
+
+    Being a ``DistributedSampler``, Lightning neither re-wraps it under
+    ``use_distributed_sampler=True`` nor misses it when it forwards ``set_epoch``. With one replica
+    it is ``sampler`` itself, plus the skip.
+
+    Args:
+        sampler: the sampler to shard (:class:`~datamodules.datasets.EpochSampler`), which
+            shuffles; this wrapper keeps its order.
+        num_replicas: number of ranks.
+        rank: this process's rank.
+    """
+
+    def __init__(self, sampler: Sampler, num_replicas: int, rank: int):
+        super().__init__(sampler, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self._resume = (0, 0)
+
+    def resume_at(self, epoch: int, skip: int) -> None:
+        """Start at ``epoch`` and leave out its first ``skip`` indices of this rank (batches done ×
+        batch size); the length stays that of a whole epoch."""
+        self.set_epoch(epoch)
+        self._resume = (epoch, skip)
+
+    def __iter__(self) -> Iterator[Any]:
+        # Every pass over the resumed epoch skips, not only the first: a loader with workers asks for
+        # two iterators when it starts and uses the second.
+        resumed, skip = self._resume
+        return islice(super().__iter__(), skip if self.epoch == resumed else 0, None)

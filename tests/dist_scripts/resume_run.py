@@ -1,0 +1,164 @@
+"""Short ``main.py fit`` runs of the tiny ALM2Vec setup (MiDashengLM with LoRA dropout, learnable τ) on
+synthetic data, in their own process, for tests/test_resume.py and tests/test_preemption.py.
+
+    python tests/dist_scripts/resume_run.py OUT VARIANT [--wait-at STEP] [--ckpt_path CKPT] [main.py options]
+
+2 epochs × 4 steps (32 training clips, batches of 8), a step checkpoint after every step (from the
+first validation on, unless ``--checkpoint.monitor null``: Lightning waits for the monitored
+metric), and the CLI's always-on callbacks (preemption included). At the end of training the trainable weights go
+to ``OUT/weights.pt``. ``--wait-at STEP`` writes ``OUT/waiting`` when step STEP begins (its
+predecessor's checkpoint is on disk) and then waits until a preemption signal has been noted, or
+60 s, so that the test can kill or signal the process there. Variants:
+
+- ``plain``: automatic optimisation, no data-loader workers;
+- ``grad_cache``: GradCache (chunks of 4), 2 persistent workers, duration bucketing.
+
+The helpers below start the script (``run``), wait for it and compute, once per test session, the
+weights of the uninterrupted run the tests compare with (``reference_weights``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 8
+VARIANTS = {
+    "plain": ["--model.grad_cache_chunk_size", "null"],
+    "grad_cache": ["--model.grad_cache_chunk_size", "4", "--data.init_args.num_workers", "2",
+                   "--data.init_args.bucket_by_duration", "true"],
+}
+
+
+def cli_args(out: Path, variant: str, data_root: Path) -> list[str]:
+    configs = REPO / "configs"
+    return [
+        "fit", "--config", str(configs / "alm2vec.yaml"), "--config", str(configs / "tiny" / "alm2vec.yaml"),
+        "--trainer.default_root_dir", str(out), "--trainer.max_steps", str(STEPS),
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1",
+        "--data.init_args.root", str(data_root), "--data.init_args.num_train", "32",
+        "--data.init_args.num_val", "8", "--data.init_args.num_test", "8", "--data.init_args.batch_size", "8",
+        "--data.init_args.duration_cache_dir", str(data_root / "durations"),
+        "--model.backbone.init_args.lora.dropout", "0.1",
+        "--checkpoint.every_n_train_steps", "1", "--min_free_gb", "0",
+        *VARIANTS[variant],
+    ]
+
+
+def run(out: Path, variant: str, data_root: Path, *extra: str) -> subprocess.Popen:
+    """Start the script (extra: ``--wait-at``, ``--ckpt_path``, main.py options); stdout and stderr go
+    to ``OUT/log.txt``."""
+    out.mkdir(parents=True, exist_ok=True)
+    # Not a SLURM job, whatever the test runner is: Lightning would requeue it on SIGUSR1.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    with open(out / "log.txt", "w") as log:
+        return subprocess.Popen([sys.executable, __file__, str(out), variant, "--data-root", str(data_root), *extra],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+
+
+def finish(process: subprocess.Popen, out: Path, timeout: float = 300) -> int:
+    """Wait for the process; its exit status (raises with the log if it ran past ``timeout``)."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise RuntimeError(f"run in {out} hung:\n{log_of(out)}") from None
+
+
+def log_of(out: Path) -> str:
+    return (out / "log.txt").read_text()[-6000:]
+
+
+def wait_until_waiting(process: subprocess.Popen, out: Path, timeout: float = 120) -> None:
+    """Return once the run announces its ``--wait-at`` step (raise if it ends or hangs first)."""
+    deadline = time.monotonic() + timeout
+    while not (out / "waiting").exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"run in {out} never reached its wait step:\n{log_of(out)}")
+        time.sleep(0.05)
+
+
+def last_checkpoint(out: Path) -> Path:
+    return out / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+_references: dict[tuple[str, ...], Path] = {}
+
+
+def reference_run(tmp_path_factory, variant: str, *options: str) -> Path:
+    """The output folder of an uninterrupted run, made once per test session."""
+    key = (variant, *options)
+    if key not in _references:
+        out = tmp_path_factory.mktemp(f"reference_{variant}")
+        status = finish(run(out, variant, data_root(tmp_path_factory), *options), out)
+        assert status == 0, log_of(out)
+        _references[key] = out
+    return _references[key]
+
+
+def reference_weights(tmp_path_factory, variant: str, *options: str) -> dict[str, torch.Tensor]:
+    """Final trainable weights of the uninterrupted run."""
+    return torch.load(reference_run(tmp_path_factory, variant, *options) / "weights.pt")
+
+
+def data_root(tmp_path_factory) -> Path:
+    """The synthetic data folder the runs of a test session share."""
+    return tmp_path_factory.getbasetemp() / "resume_data"
+
+
+def main() -> None:
+    from lightning import Callback
+
+    sys.path.insert(0, str(REPO))
+    from callbacks import PreemptionCheckpoint
+    from datamodules import RetrievalDataModule
+    from lightning_modules import EmbeddingModule
+    from lightning_modules.weights import trainable_state_dict
+    from main import EmbeddingCLI
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("variant", choices=sorted(VARIANTS))
+    parser.add_argument("--data-root", type=Path, required=True)
+    parser.add_argument("--wait-at", type=int)
+    parser.add_argument("--ckpt_path")
+    args, more = parser.parse_known_args()
+    torch.set_num_threads(1)  # the same arithmetic in every run; a small CPU machine is shared
+
+    class WaitAt(Callback):
+        """Announces step ``args.wait_at`` and holds the process there (see the module docstring)."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step != args.wait_at:
+                return
+            (args.out / "waiting").write_text(str(os.getpid()))
+            preemption = next(c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint))
+            deadline = time.monotonic() + 60
+            while not preemption.requested and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    class SaveWeights(Callback):
+        def on_train_end(self, trainer, pl_module) -> None:
+            torch.save(trainable_state_dict(pl_module), args.out / "weights.pt")
+
+    sys.argv = sys.argv[:1]  # the options go to the CLI through args=
+    callbacks = [SaveWeights()] + ([WaitAt()] if args.wait_at is not None else [])
+    cli_options = cli_args(args.out, args.variant, args.data_root) + more
+    if args.ckpt_path:
+        cli_options += ["--ckpt_path", args.ckpt_path]
+    EmbeddingCLI(EmbeddingModule, RetrievalDataModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True},
+                 trainer_defaults={"callbacks": callbacks}, args=cli_options)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""Several evaluation sets per run: set definitions, bad input, the module's per-set metrics against
+an independent recomputation, speech–text and QA sets, reports and the embedding projector."""
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from callbacks import EmbeddingProjector, RetrievalReport
+from callbacks.report import format_markdown, split_key
+from datamodules import AudioPolicy, EvalDataset, RetrievalDataModule, SyntheticDataModule
+from datamodules.eval_sets import EvalSet, qa_layout, read_hard_negatives
+from datamodules.manifest import ManifestError, read_manifest
+from lightning_modules import EmbeddingModule, EmbTokenPooler, QwenOmniThinker
+from lightning_modules.diagnostics import embedding_diagnostics
+from lightning_modules.evaluation import mean_over_sets
+from lightning_modules.inputs import EmbedInput
+from lightning_modules.metrics import hard_negative_metrics, qa_accuracy, retrieval_metrics, text_text_metrics
+
+
+def write_clips(folder: Path, rows: list[dict], seconds: float = 0.5) -> Path:
+    """Tones of distinct pitch for each row, and a JSONL manifest of the rows."""
+    (folder / "audio").mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(16000 * seconds)) / 16000
+    for i, row in enumerate(rows):
+        sf.write(folder / "audio" / f"{row['id']}.wav", 0.3 * np.sin(2 * np.pi * (200 + 90 * i) * t), 16000)
+        row.setdefault("audio", f"audio/{row['id']}.wav")
+    manifest = folder / "set.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return manifest
+
+
+# ----------------------------------------------------------------------------- definitions, bad input
+
+
+def test_hard_negative_file_errors_name_file_and_line(tmp_path):
+    records = read_manifest(str(write_clips(tmp_path, [{"id": "a", "caption": "x"}, {"id": "b", "caption": "y"}])))
+    path = tmp_path / "hn.jsonl"
+    cases = {
+        '{"query": "x", "target": "a", "negative": "zzz"}': "negative 'zzz' is not a clip id",
+        '{"query": "x", "target": "nope", "negative": "b"}': "target 'nope' is not a clip id",
+        '{"query": "x", "target": "a", "negative": "a"}': "same clip",
+        '{"query": "", "target": "a", "negative": "b"}': "'query' must be a non-empty string",
+        '{"query": "x", "target": "a"': "invalid JSON",
+    }
+    for line, message in cases.items():
+        path.write_text('{"query": "fine", "target": "b", "negative": "a"}\n\n' + line + "\n")
+        with pytest.raises(ManifestError, match=message) as err:
+            read_hard_negatives(str(path), records)
+        assert f"{path}:3" in str(err.value)
+    path.write_text("\n")
+    with pytest.raises(ManifestError, match="no triples"):
+        read_hard_negatives(str(path), records)
+    path.write_text('{"query": "q", "target": "b", "negative": "a"}\n')
+    (triple,) = read_hard_negatives(str(path), records)
+    assert (triple.query, triple.target, triple.negative) == ("q", 1, 0)
+
+
+def test_qa_answer_must_be_among_the_choices(tmp_path):
+    rows = [{"id": "a", "question": "what?", "answer": "dog", "choices": ["cat", " dog "], "category": "animal"},
+            {"id": "b", "question": "what?", "answer": "a car", "choices": ["car", "bus"]}]  # fmt: skip
+    manifest = write_clips(tmp_path, rows)
+    records = read_manifest(str(manifest))
+    with pytest.raises(ManifestError, match=r"answer 'a car' is not among the choices") as err:
+        qa_layout(records, "category")
+    assert f"{manifest}:2" in str(err.value)
+    answers, categories, names = qa_layout(records[:1], "category")
+    assert (answers, categories, names) == ([1], [0], ["animal"])
+
+
+def test_empty_evaluation_set_is_an_error(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    train = write_clips(tmp_path, [{"id": "a", "caption": "x"}])
+    dm = RetrievalDataModule(train_manifest=str(train), test_sets={"clotho": EvalSet(str(tmp_path / "empty.jsonl"))})
+    with pytest.raises(ManifestError, match=r"empty.jsonl: evaluation set 'clotho' has no clips"):
+        dm.setup("test")
+    dm = RetrievalDataModule(val_manifest=str(tmp_path / "empty.jsonl"))
+    with pytest.raises(ManifestError, match=r"empty.jsonl: the val set has no clips"):
+        dm.setup("validate")
+
+
+def test_set_definitions_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="either test_manifest or test_sets"):
+        RetrievalDataModule(test_manifest="a.jsonl", test_sets={"x": EvalSet("b.jsonl")})
+    for name in ("t2a", "qa", "", "a/b"):
+        with pytest.raises(ValueError, match="invalid evaluation set name"):
+            RetrievalDataModule(test_sets={name: EvalSet("b.jsonl")})
+    with pytest.raises(ValueError, match="unknown evaluation task"):
+        EvalSet("b.jsonl", task="music")
+    with pytest.raises(ValueError, match="need a retrieval task"):
+        EvalSet("b.jsonl", task="qa", hard_negatives="hn.jsonl")
+    dm = RetrievalDataModule(test_sets={"clotho": {"manifest": "c.jsonl", "text_text": True}})
+    (name, spec), = dm.eval_sets("test")
+    assert name == "clotho" and isinstance(spec, EvalSet) and spec.text_text
+
+
+def test_mean_over_sets_averages_recalls_of_named_sets_only():
+    values = {"val/a/t2a/R@1": torch.tensor(10.0), "val/b/t2a/R@1": torch.tensor(30.0),
+              "val/a/t2a/medr": torch.tensor(3.0), "val/b/t2s/R@1": torch.tensor(99.0),
+              "val/a/a2t/mAP@10": torch.tensor(5.0)}  # fmt: skip
+    assert {k: float(v) for k, v in mean_over_sets(values, "val").items()} == {"val/t2a/R@1": 20.0,
+                                                                              "val/a2t/mAP@10": 5.0}
+    assert mean_over_sets({"val/t2a/R@1": torch.tensor(1.0)}, "val") == {}
+
+
+def test_report_key_layout_and_markdown():
+    results = {"test/t2a/R@1": 1.0, "test/clotho/t2a/R@1": 2.0, "test/clotho/hn/HNSR@1": 3.0,
+               "test/mmau/qa/accuracy/sound": 4.0, "test/clotho/diag/mmd": 0.5}  # fmt: skip
+    assert split_key("test/t2a/R@1") == ("all", "t2a", "R@1")
+    assert split_key("test/mmau/qa/accuracy/sound") == ("mmau", "qa", "accuracy/sound")
+    text = format_markdown(results)
+    assert "| all | t2a | 1.00 |" in text and "| clotho | t2a | 2.00 |" in text
+    assert "| clotho | hn | 3.00 |" in text and "| mmau | qa | 4.00 |" in text and "| clotho | diag | 0.50 |" in text
+    assert "| 0.00123 |" in format_markdown({"test/x/diag/mmd": 0.00123})
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def embed_set(module, dataset, batch_size=8):
+    """Independent recomputation: embed every item of an evaluation dataset with ``module.embed``."""
+    audio, audio_ids, text, text_ids, text_keys, answers, categories = [], [], [], [], [], [], []
+    with torch.no_grad():
+        for begin in range(0, len(dataset), batch_size):
+            batch = module.collate([dataset[i] for i in range(begin, min(len(dataset), begin + batch_size))])
+            query, document = module.embed_batch(batch)
+            audio.append(query), audio_ids.append(batch["query_index"])
+            text.append(document), text_ids.append(batch["document_index"]), text_keys.append(batch["document_key"])
+            answers.append(batch.get("answer_key", torch.zeros(0))), categories.append(batch.get("category_index"))
+    return (torch.cat(audio), torch.cat(audio_ids), torch.cat(text), torch.cat(text_ids), torch.cat(text_keys),
+            torch.cat(answers), categories)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tested(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalsuite")
+    torch.manual_seed(0)
+    module = EmbeddingModule(QwenOmniThinker(tiny=True), EmbTokenPooler())
+    dm = SyntheticDataModule(root=str(root / "data"), num_train=4, num_val=4, num_test=12, num_hard_pairs=3,
+                             batch_size=4, eval_batch_size=5)  # fmt: skip
+    report, projector = RetrievalReport(), EmbeddingProjector(max_samples=5)
+    trainer = pl.Trainer(accelerator="cpu", logger=TensorBoardLogger(str(root), name="tb"), callbacks=[report, projector],
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.test(module, datamodule=dm)
+    return module, dm, report, projector, trainer
+
+
+def test_every_set_is_reported_under_its_name(tested):
+    module, dm, _, _, _ = tested
+    results = module.test_results
+    assert [name for name, _ in dm.eval_sets("test")] == ["synthetic", "synthetic_order", "synthetic_qa"]
+    for key in ("synthetic/t2a/R@1", "synthetic/a2t/mAP@10", "synthetic/t2t/R@5", "synthetic/diag/modality_gap",
+                "synthetic_order/hn/HNSR@1", "synthetic_order/hn/delta_rank_mean", "synthetic_qa/qa/accuracy",
+                "synthetic_qa/qa/accuracy/order", "synthetic_qa/qa/accuracy/count"):  # fmt: skip
+        assert f"test/{key}" in results, key
+    assert not any(k.startswith("test/synthetic_qa/t2a") for k in results)
+    assert results["test/t2a/R@1"] == pytest.approx(
+        (results["test/synthetic/t2a/R@1"] + results["test/synthetic_order/t2a/R@1"]) / 2
+    )
+
+
+def test_module_metrics_match_an_independent_recomputation(tested):
+    module, dm, _, _, _ = tested
+    results = module.test_results
+    module.eval()
+
+    def dataset(name, **kwargs):
+        return EvalDataset(dm.set_records("test", name), 16000, dm.eval_policy, **kwargs)
+
+    a, a_ids, t, t_ids, t_keys, _, _ = embed_set(module, dataset("synthetic"))
+    expected = {**retrieval_metrics(a, a_ids, t, t_ids, t_keys), **text_text_metrics(t, t_ids, t_keys),
+                **embedding_diagnostics(a, a_ids, t, t_ids)}  # fmt: skip
+    for key, value in expected.items():
+        assert results[f"test/synthetic/{key}"] == pytest.approx(float(value), abs=1e-4), key
+
+    a, a_ids, t, t_ids, t_keys, _, _ = embed_set(module, dataset("synthetic_order"))
+    triples = dm.hard_negatives("test", "synthetic_order")
+    texts = [EmbedInput(text=triple.query) for triple in triples]
+    with torch.no_grad():
+        queries = module.embed(module.collate.backbone_collator(texts), "text")
+    assert torch.equal(a_ids, torch.arange(len(a_ids)))  # row i is clip i, so triple positions index rows
+    expected = hard_negative_metrics(queries, a, torch.tensor([x.target for x in triples]),
+                                     torch.tensor([x.negative for x in triples]))  # fmt: skip
+    for key, value in expected.items():
+        assert results[f"test/synthetic_order/{key}"] == pytest.approx(float(value), abs=1e-4), key
+
+    records = dm.set_records("test", "synthetic_qa")
+    answers, categories, names = qa_layout(records, "category")
+    q, _, c, c_item, _, _, _ = embed_set(module, dataset("synthetic_qa", qa=(answers, categories)))
+    first_choice = torch.searchsorted(c_item, torch.arange(len(records)))
+    expected = qa_accuracy(q, c, c_item, first_choice + torch.tensor(answers), torch.tensor(categories), names)
+    for key, value in expected.items():
+        assert results[f"test/synthetic_qa/{key}"] == pytest.approx(float(value), abs=1e-4), key
+
+
+def test_reports_are_written(tested):
+    module, _, report, _, trainer = tested
+    assert json.loads(Path(report.path).read_text()) == pytest.approx(module.test_results)
+    markdown = Path(report.markdown_path).read_text()
+    for title in ("### Retrieval", "### Hard negatives", "### QA by retrieval", "### Embedding diagnostics"):
+        assert title in markdown
+    assert f"| synthetic_order | t2a | {module.test_results['test/synthetic_order/t2a/R@1']:.2f} |" in markdown
+    assert Path(report.plot_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Path(report.path).parent == Path(trainer.log_dir)
+
+
+def test_projector_logs_both_modalities(tested):
+    _, dm, _, projector, trainer = tested
+    assert projector.tags == ["test/synthetic", "test/synthetic_order"]
+    config = (Path(trainer.log_dir) / "projector_config.pbtxt").read_text()
+    assert config.count("tensor_name") == 2
+    files = sorted(Path(trainer.log_dir).rglob("metadata.tsv"))
+    assert len(files) == 2
+    for path in files:
+        rows = [line.split("\t") for line in path.read_text().splitlines()]
+        assert rows[0] == ["modality", "clip", "text"]
+        audio_rows = [r for r in rows[1:] if r[0] == "audio"]
+        text_rows = [r for r in rows[1:] if r[0] == "text"]
+        name = "synthetic_order" if audio_rows[0][1].startswith("hard") else "synthetic"
+        by_id = {r.id: r for r in dm.set_records("test", name)}
+        assert len(audio_rows) == 5 and len(text_rows) == 25  # 5 clips with their 5 captions each
+        assert all(text in by_id[clip].captions for _, clip, text in text_rows)
+
+
+def test_partial_evaluation_scores_the_hard_negatives_it_can(tmp_path):
+    torch.manual_seed(0)
+    module = EmbeddingModule(QwenOmniThinker(tiny=True), EmbTokenPooler())
+    dm = SyntheticDataModule(root=str(tmp_path / "data"), num_train=4, num_val=4, num_test=4, num_hard_pairs=4,
+                             batch_size=4, eval_batch_size=3)  # fmt: skip
+    trainer = pl.Trainer(accelerator="cpu", logger=False, limit_test_batches=1, enable_progress_bar=False,
+                         enable_model_summary=False)  # fmt: skip
+    trainer.test(module, datamodule=dm)
+    # the first batch holds clips 0-2 = pairs 0 (a, b) and half of pair 1: only pair 0's two triples count
+    assert module.test_results["test/synthetic_order/hn/queries"] == 2
+    assert "test/synthetic_order/hn/HNSR@1" in module.test_results
+
+
+def test_speech_text_set_and_question_field(tmp_path):
+    rows = [{"id": f"s{i}", "caption": f"transcript number {i}", "question": f"question {i}?", "answer": "x"}
+            for i in range(6)]  # fmt: skip
+    manifest = str(write_clips(tmp_path, rows))
+    records = read_manifest(manifest)
+    spoken = EvalDataset(records, 16000, AudioPolicy(), text_field="question")
+    item = spoken[2]
+    # speech -> text retrieval embeds the speech alone; the question is the document
+    assert item["query"].text is None and [d.text for d in item["documents"]] == ["question 2?"]
+    qa_style = EvalDataset(records, 16000, AudioPolicy())
+    assert qa_style[2]["query"].text == "question 2?"
+
+    torch.manual_seed(0)
+    module = EmbeddingModule(QwenOmniThinker(tiny=True), EmbTokenPooler())
+    dm = RetrievalDataModule(test_sets={"speech": EvalSet(manifest, task="speech_text", text_field="question")},
+                             eval_batch_size=4)  # fmt: skip
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(module, datamodule=dm)
+    results = module.test_results
+    assert {k.split("/")[2] for k in results} == {"t2s", "s2t"} and "test/t2a/R@1" not in results
+    module.eval()
+    a, a_ids, t, t_ids, t_keys, _, _ = embed_set(module, spoken)
+    expected = retrieval_metrics(a, a_ids, t, t_ids, t_keys, names=("t2s", "s2t"))
+    for key, value in expected.items():
+        assert results[f"test/speech/{key}"] == pytest.approx(float(value), abs=1e-4), key
+
+
+def test_several_validation_sets_feed_the_checkpoint_monitor(tmp_path):
+    a = str(write_clips(tmp_path / "a", [{"id": f"a{i}", "caption": f"tone {i}"} for i in range(5)]))
+    b = str(write_clips(tmp_path / "b", [{"id": f"b{i}", "caption": [f"tone {i}", f"pitch {i}"]} for i in range(4)]))
+    torch.manual_seed(0)
+    module = EmbeddingModule(QwenOmniThinker(tiny=True), EmbTokenPooler())
+    dm = RetrievalDataModule(train_manifest=a, val_sets={"first": EvalSet(a), "second": EvalSet(b, text_text=True)},
+                             batch_size=5)  # fmt: skip
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="val/t2a/R@1", mode="max")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, callbacks=[checkpoint],
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert "val/second/t2t/R@1" in logged and "val/first/t2t/R@1" not in logged
+    assert logged["val/t2a/R@1"] == pytest.approx((logged["val/first/t2a/R@1"] + logged["val/second/t2a/R@1"]) / 2)
+    assert checkpoint.best_model_score is not None
+    assert float(checkpoint.best_model_score) == pytest.approx(logged["val/t2a/R@1"])

@@ -1,0 +1,122 @@
+"""The non-finite guard (``EmbeddingModule(nonfinite=...)``): a batch with NaN in a waveform skips its
+optimiser step without changing the weights or AdamW's state and is counted, or stops training with
+an error naming its clips; on both optimisation paths (automatic, GradCache's manual one)."""
+
+import numpy as np
+import pytest
+import torch
+from lightning import Callback, Trainer
+from torch.utils.data import DataLoader
+
+from dist_scripts.train_tiny import examples
+from lightning_modules import EmbeddingModule, EmbTokenPooler, LinearHead, LoraSettings, QwenOmniThinker
+from lightning_modules.inputs import EmbedInput
+from losses import InfoNCE
+
+POISONED = 1  # index of the batch with a NaN waveform
+
+
+def make_module(grad_cache: int | None, nonfinite: str) -> EmbeddingModule:
+    torch.manual_seed(0)
+    backbone = QwenOmniThinker(tiny=True, lora=LoraSettings(r=4, dropout=0.0))
+    return EmbeddingModule(backbone, EmbTokenPooler(), LinearHead(16), InfoNCE(learnable_temperature=True),
+                           learning_rate=1e-3, grad_cache_chunk_size=grad_cache, nonfinite=nonfinite)
+
+
+def batches(module: EmbeddingModule) -> list[dict]:
+    items = examples()
+    for i, item in enumerate(items):
+        item["clip_id"] = f"clip{i:02d}"
+    wave = items[3]["query"].audio.copy()
+    wave[100:200] = np.nan
+    items[3] = {**items[3], "query": EmbedInput(audio=wave)}
+    return [module.collate(items[start : start + 2]) for start in range(0, 6, 2)]
+
+
+def snapshot(module: EmbeddingModule, optimizer: torch.optim.Optimizer) -> dict:
+    weights = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+    moments = [{key: value.clone() for key, value in optimizer.state[p].items()}
+               for group in optimizer.param_groups for p in group["params"]]
+    return {"weights": weights, "moments": moments}
+
+
+def same(a: dict, b: dict) -> bool:
+    if a["weights"].keys() != b["weights"].keys() or len(a["moments"]) != len(b["moments"]):
+        return False
+    equal = all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    for x, y in zip(a["moments"], b["moments"]):
+        equal &= x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    return equal
+
+
+class Snapshots(Callback):
+    """Weights and AdamW state before and after every training batch."""
+
+    def __init__(self) -> None:
+        self.before: dict[int, dict] = {}
+        self.after: dict[int, dict] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.before[batch_idx] = snapshot(pl_module, trainer.optimizers[0])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.after[batch_idx] = snapshot(pl_module, trainer.optimizers[0])
+
+
+def fit(module: EmbeddingModule, tmp_path, callbacks=()) -> Trainer:
+    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                      callbacks=list(callbacks))
+    trainer.fit(module, train_dataloaders=DataLoader(batches(module), batch_size=None))
+    return trainer
+
+
+@pytest.mark.parametrize("grad_cache", [None, 1], ids=["automatic", "grad_cache"])
+def test_poisoned_batch_skips_its_step_and_is_counted(tmp_path, caplog, grad_cache):
+    module = make_module(grad_cache, "skip")
+    snapshots = Snapshots()
+    trainer = fit(module, tmp_path, [snapshots])
+    assert trainer.global_step == 3  # the skipped step counts, as Lightning counts it
+    assert module.nonfinite_skipped == 1
+    assert trainer.callback_metrics["train/nonfinite_skipped"] == 1
+    assert same(snapshots.before[POISONED], snapshots.after[POISONED])  # weights, moments, AdamW step
+    for batch_idx in (0, 2):
+        assert not same(snapshots.before[batch_idx], snapshots.after[batch_idx])
+    assert all(torch.isfinite(w).all() for w in snapshots.after[2]["weights"].values())
+    assert "optimiser step skipped" in caplog.text and "['clip02', 'clip03']" in caplog.text
+
+
+@pytest.mark.parametrize("grad_cache", [None, 1], ids=["automatic", "grad_cache"])
+def test_error_mode_names_the_batch_clips(tmp_path, grad_cache):
+    module = make_module(grad_cache, "error")
+    snapshots = Snapshots()
+    message = r"non-finite loss and gradients at global step 1 .*: \['clip02', 'clip03'\]"
+    with pytest.raises(FloatingPointError, match=message):
+        fit(module, tmp_path, [snapshots])
+    assert same(snapshots.before[POISONED], snapshot(module, module.trainer.optimizers[0]))
+
+
+def test_every_process_takes_the_same_decision(tmp_path, monkeypatch):
+    """When another process reports a non-finite value (the reduction says "not all finite"), this
+    process skips its step too, although its own batch is clean."""
+    module = make_module(None, "skip")
+    decisions = []
+
+    def reduce_boolean_decision(decision: bool, all: bool = True) -> bool:  # noqa: A002 - Lightning's name
+        decisions.append((decision, all))
+        return False
+
+    snapshots = Snapshots()
+    trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                      callbacks=[snapshots])
+    monkeypatch.setattr(trainer.strategy, "reduce_boolean_decision", reduce_boolean_decision)
+    trainer.fit(module, train_dataloaders=DataLoader(batches(module)[:1], batch_size=None))
+    assert decisions == [(True, True)]
+    assert module.nonfinite_skipped == 1
+    assert same(snapshots.before[0], snapshots.after[0])
+
+
+def test_nonfinite_setting_is_checked():
+    with pytest.raises(ValueError, match="nonfinite"):
+        make_module(None, "ignore")
