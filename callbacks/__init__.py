@@ -1,4 +1,4 @@
-"""Callbacks: evaluation reports, embedding projector, embedding writer, hyper-parameter summary, trainable-weight export."""
+"""Callbacks: evaluation reports, embedding projector and writer, hyper-parameter summary, guards, weight export."""
 
 from callbacks.hparams import HyperparameterSummary
 from callbacks.prediction_writer import EmbeddingWriter

@@ -63,7 +63,8 @@ class EmbeddingProjector(Callback):
 
             labels = [["audio", clip(int(i)), ""] for i in audio_ids]
             labels += [["text", clip(int(k) // MAX_DOCS_PER_CLIP), text(int(k))] for k in text_keys]
-            embeddings = torch.cat([dim_zero_cat(metric.audio_emb)[audio_rows], dim_zero_cat(metric.text_emb)[text_rows]])
+            audio_emb = dim_zero_cat(metric.audio_emb)[audio_rows]
+            embeddings = torch.cat([audio_emb, dim_zero_cat(metric.text_emb)[text_rows]])
             tag = f"test/{evaluator.name or 'all'}"
             logger.experiment.add_embedding(
                 embeddings.float().cpu(),

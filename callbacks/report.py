@@ -39,15 +39,22 @@ def _rows(results: dict[str, float], groups: tuple[str, ...]) -> dict[tuple[str,
     return rows
 
 
+def _natural(name: str) -> list:
+    """Sort key that puts R@5 before R@10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def _format(value: float) -> str:
     """Two decimals, or three significant digits for small values (e.g. an MMD of 0.0012)."""
     return f"{value:.3g}" if 0 < abs(value) < 0.1 else f"{value:.2f}"
 
 
 def _table(rows: dict[tuple[str, str], dict[str, float]]) -> list[str]:
-    names = list(dict.fromkeys(metric for row in rows.values() for metric in row))
+    names = sorted({metric for row in rows.values() for metric in row}, key=_natural)
     lines = ["| set | group | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
-    for (name, group), row in rows.items():
+    order = sorted(rows, key=lambda row: (row[0] == UNNAMED, row[0], GROUPS.index(row[1])))
+    for name, group in order:
+        row = rows[(name, group)]
         cells = " | ".join(_format(row[n]) if n in row else "" for n in names)
         lines.append(f"| {name} | {group} | {cells} |")
     return lines

@@ -458,7 +458,9 @@ class SyntheticDataModule(RetrievalDataModule):
             raise ValueError(f"SyntheticDataModule generates its own manifests; remove {manifests}")
         super().__init__(seed=seed, **kwargs)
         self.root = root
-        self.sizes = {"num_train": num_train, "num_val": num_val, "num_test": num_test, "num_hard_pairs": num_hard_pairs}
+        self.sizes = {
+            "num_train": num_train, "num_val": num_val, "num_test": num_test, "num_hard_pairs": num_hard_pairs
+        }  # fmt: skip
 
     def _generate(self) -> None:
         paths = make_synthetic_dataset(self.root, self.seed, **self.sizes)

@@ -144,8 +144,8 @@ def tested(tmp_path_factory):
     dm = SyntheticDataModule(root=str(root / "data"), num_train=4, num_val=4, num_test=12, num_hard_pairs=3,
                              batch_size=4, eval_batch_size=5)  # fmt: skip
     report, projector = RetrievalReport(), EmbeddingProjector(max_samples=5)
-    trainer = pl.Trainer(accelerator="cpu", logger=TensorBoardLogger(str(root), name="tb"), callbacks=[report, projector],
-                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = pl.Trainer(accelerator="cpu", logger=TensorBoardLogger(str(root), name="tb"),
+                         callbacks=[report, projector], enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.test(module, datamodule=dm)
     return module, dm, report, projector, trainer
 
