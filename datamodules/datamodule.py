@@ -13,12 +13,12 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.audio import AudioPolicy
+from datamodules.bad_samples import BadSamplePolicy, SkippedSample, count_reasons, format_counts
 from datamodules.bucketing import DurationBatchSampler, manifest_durations
 from datamodules.datasets import EpochSampler, EvalDataset, PairDataset
-from datamodules.resume import ResumableSampler, resume_position
 from datamodules.eval_sets import DIRECTION_NAMES, EvalSet, HardNegative, qa_layout, read_hard_negatives
-from datamodules.bad_samples import BadSamplePolicy, SkippedSample, count_reasons, format_counts
 from datamodules.manifest import ClipRecord, ManifestError, read_manifest, screen_audio
+from datamodules.resume import ResumableSampler, resume_position
 
 __all__ = ["RetrievalDataModule"]
 
