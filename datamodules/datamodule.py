@@ -94,6 +94,7 @@ class RetrievalDataModule(pl.LightningDataModule):
             mix less.
         duration_cache_dir: folder of the cached audio durations; ``None`` uses
             ``$XDG_CACHE_HOME/alm-embed/durations`` (``~/.cache/...``), never the dataset's folder.
+            Used only with ``check_audio_headers: false``: the header scan already gives the durations.
         on_bad_sample: what a bad manifest row or audio file does (reasons in
             :mod:`datamodules.bad_samples`): ``"error"`` stops with an error naming the manifest,
             the line (or JSON-list entry) and the audio file; ``"skip"`` drops the sample and counts
@@ -170,6 +171,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         #: samples dropped in setup under ``skip``, per record key (``train``, ``val``, ``val/<set name>``, ...).
         self.skipped: dict[str, list[SkippedSample]] = {}
         self._hard_negatives: dict[str, list[HardNegative]] = {}
+        # durations read by the header scan in setup, so that bucketing does not read the headers again.
+        self._header_durations: dict[str, np.ndarray] = {}
         self.sampling_rate: int | None = None
         self.collate_fn: Callable[[list[dict[str, Any]]], Any] | None = None
 
@@ -255,7 +258,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         problems: list[SkippedSample] | None = [] if self.on_bad_sample == "skip" else None
         records = read_manifest(manifest, audio_dir, problems)
         if self.check_audio_headers:
-            records, _ = screen_audio(records, problems)
+            records, durations = screen_audio(records, problems)
+            self._header_durations[key] = np.asarray(durations, dtype=np.float64)
         if problems:
             counts = format_counts(count_reasons(problems))
             total = len(records) + len(problems)
@@ -319,9 +323,11 @@ class RetrievalDataModule(pl.LightningDataModule):
     def train_durations(self) -> np.ndarray:
         """Seconds of every training clip as the model sees it (cropped and padded by the policy)."""
         records = self._split("train")
-        durations = manifest_durations(
-            self.manifests["train"], [r.audio_path for r in records], self.duration_cache_dir
-        )
+        durations = self._header_durations.get("train")
+        if durations is None:
+            durations = manifest_durations(
+                self.manifests["train"], [r.audio_path for r in records], self.duration_cache_dir
+            )
         upper = self.train_policy.max_seconds if self.train_policy.max_seconds is not None else np.inf
         return np.clip(durations, self.train_policy.min_seconds, upper)
 
