@@ -1,14 +1,7 @@
 """Command-line entry point: ``python main.py {fit,validate,test,predict} --config configs/<recipe>.yaml``.
 
-``python main.py sweep --config <recipe> --sweep configs/sweeps/<name>.yaml`` runs an ablation grid
-(see :mod:`lightning_modules.sweep`).
-
-``python main.py search --queries <embeddings.safetensors> --corpus <embeddings.safetensors>`` ranks
-the corpus for every query (see :mod:`lightning_modules.search`).
-
-``python main.py check-data --config configs/<recipe>.yaml`` scans the data section's manifests and
-audio headers and reports every bad row or file, without building the model (see
-:mod:`datamodules.check`).
+The other subcommands (``sweep``, ``search``, ``export``, ``check-data``, ...) are the tools of
+:mod:`lightning_modules.tools`, listed by ``python main.py --help``; each has its own ``--help``.
 
 The packages are imported so that configs can name classes by their short name
 (``class_path: QwenOmniThinker``, ``class_path: InfoNCE``, ...).
@@ -17,6 +10,7 @@ The packages are imported so that configs can name classes by their short name
 from __future__ import annotations
 
 import sys
+from argparse import RawDescriptionHelpFormatter
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -30,9 +24,9 @@ import losses  # noqa: F401
 from callbacks import EmbeddingProjector, EmbeddingWriter, HyperparameterSummary, RetrievalReport, SkippedSampleReport
 from callbacks.output_dirs import check_output_dirs
 from callbacks.preemption import PreemptionCheckpoint
-from datamodules import RetrievalDataModule, check
-from lightning_modules import EmbeddingModule, search
-from lightning_modules.sweep import run_sweep
+from datamodules import RetrievalDataModule
+from lightning_modules import EmbeddingModule
+from lightning_modules.tools import TOOLS, tools_help
 
 
 class EmbeddingCLI(LightningCLI):
@@ -81,17 +75,17 @@ class EmbeddingCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> EmbeddingCLI | list[dict[str, Any]]:
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["sweep"]:
-        return run_sweep(argv[1:])
-    if argv[:1] == ["search"]:
-        return search.main(argv[1:])
-    if argv[:1] == ["check-data"]:
-        raise SystemExit(check.main(argv[1:]))
+    if argv[:1] and argv[0] in TOOLS:
+        result = TOOLS[argv[0]].entry()(argv[1:])
+        if isinstance(result, int) and not isinstance(result, bool):  # an exit status
+            raise SystemExit(result)
+        return result
     return EmbeddingCLI(
         EmbeddingModule,
         RetrievalDataModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"epilog": tools_help(), "formatter_class": RawDescriptionHelpFormatter},
         args=args,
     )
 

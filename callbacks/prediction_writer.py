@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from safetensors.torch import save_file
 
 from lightning_modules.collate import MAX_DOCS_PER_CLIP
-from lightning_modules.search import ids_path
+from lightning_modules.tools.search import ids_path
 
 FORMAT = "alm-embed/embeddings"
 

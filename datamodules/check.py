@@ -54,8 +54,10 @@ class SplitCheck:
         return self.rows - len(self.problems)
 
 
-def load_datamodule(configs: list[str]) -> RetrievalDataModule:
-    """The data module of the configs' ``data`` sections, merged in order; nothing else is built.
+def load_datamodule(configs: list[str], overrides: list[str] = ()) -> RetrievalDataModule:
+    """The data module of the configs' ``data`` sections, merged in order, then the ``--data.*``
+    command-line ``overrides`` (``["--data.init_args.train_manifest", "x.jsonl", ...]``, as ``fit``
+    takes them); nothing else is built.
 
     Raises:
         ValueError: no config has a ``data`` section.
@@ -68,9 +70,9 @@ def load_datamodule(configs: list[str]) -> RetrievalDataModule:
             section = (yaml.safe_load(handle) or {}).get("data")
         if section is not None:
             args += ["--data", json.dumps(section)]
-    if not args:
+    if not args and not overrides:
         raise ValueError(f"no 'data' section in {configs}")
-    config = parser.parse_args(args)
+    config = parser.parse_args(args + list(overrides))
     instantiate = getattr(parser, "instantiate", parser.instantiate_classes)
     return instantiate(config).data
 
@@ -148,8 +150,12 @@ def main(args: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", action="append", required=True, help="recipe YAML; repeat to add overlays")
     parser.add_argument("--max_problems", type=int, default=20, help="problems and warnings listed in full")
-    options = parser.parse_args(args)
-    datamodule = load_datamodule(options.config)
+    parser.epilog = "Any --data.* setting of fit (e.g. --data.init_args.train_manifest x.jsonl) overrides the configs."
+    options, rest = parser.parse_known_args(args)
+    unknown = [arg for arg in rest if arg.startswith("--") and not arg.startswith("--data.")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (only --data.* settings can be overridden)")
+    datamodule = load_datamodule(options.config, rest)
     datamodule.prepare_data()  # generated data sets (SyntheticDataModule) write their manifests here
     checks, seen = [], {}
     for split, manifest, audio_dir in _manifests(datamodule):

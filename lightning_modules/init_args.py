@@ -10,8 +10,8 @@ class RecordsInitArgs:
     """Mixin: every instance keeps the arguments of its constructor call, defaults filled in.
 
     The arguments are captured in ``__new__``, before ``__init__`` runs, so subclasses need no code
-    of their own; :func:`lightning_modules.export.export_model` writes them to the exported config
-    and :meth:`lightning_modules.export.EmbeddingModel.from_pretrained` calls the class with them.
+    of their own; :func:`lightning_modules.tools.export.export_model` writes them to the exported config
+    and :meth:`lightning_modules.tools.export.EmbeddingModel.from_pretrained` calls the class with them.
     Unpickling and ``copy.deepcopy`` call ``__new__`` without arguments; they then restore the
     instance's ``__dict__``, recorded arguments included.
     """

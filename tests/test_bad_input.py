@@ -515,6 +515,22 @@ def test_check_data_passes_clean_data_with_overlays_and_short_names(tmp_path, ca
     assert f"{'train':<12} {6:>8} {6:>8}  none" in out
 
 
+def test_check_data_takes_data_overrides_like_fit(tmp_path, capsys):
+    """``--data.*`` settings override the configs, as in ``fit``; other settings are refused."""
+    paths = _dirty_corpus(tmp_path)
+    config = _write_config(tmp_path, paths)
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text(Path(paths["val"]).read_text())  # the val rows are all fine; paths are absolute
+    with pytest.raises(SystemExit) as info:
+        main(["check-data", "--config", config, "--data.init_args.train_manifest", str(clean)])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"{'train':<12} {4:>8} {4:>8}  none  ({clean})" in out
+    with pytest.raises(SystemExit) as info:
+        main(["check-data", "--config", config, "--model.learning_rate", "1"])
+    assert info.value.code == 2
+
+
 def test_check_data_on_a_recipe_without_its_data(capsys):
     recipe = Path(__file__).resolve().parent.parent / "configs" / "aurola.yaml"  # a 3B model: never built here
     assert check_data(["--config", str(recipe)]) == 1

@@ -23,7 +23,7 @@ from dist_scripts.train_tiny import examples, make_module
 from lightning_modules import EmbeddingModule, LinearHead, LoraSettings, MiDashengLMBackbone
 from lightning_modules.adapters import add_lora
 from lightning_modules.backbones.midashenglm import MiDashengLM, MiDashengLMConfig
-from lightning_modules.encoder import load_embedding_module
+from lightning_modules.tools.encoder import load_embedding_module
 from lightning_modules.weights import checkpoint_keys, estimated_checkpoint_bytes, trainable_state_dict
 from losses import InfoNCE
 from main import main

@@ -19,8 +19,8 @@ from lightning_modules import (
     QwenOmniThinker,
 )
 from lightning_modules.adapters import LoraSettings
-from lightning_modules.encoder import EmbeddingModel
-from lightning_modules.export import CONFIG_NAME, export_model
+from lightning_modules.tools.encoder import EmbeddingModel
+from lightning_modules.tools.export import CONFIG_NAME, export_model
 from lightning_modules.inputs import EmbedInput
 from losses.infonce import InfoNCE
 

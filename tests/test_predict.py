@@ -13,8 +13,8 @@ from safetensors import safe_open
 
 from callbacks.hparams import HyperparameterSummary, flatten_config
 from datamodules import AudioPolicy, EvalDataset, read_manifest
-from lightning_modules.encoder import EmbeddingModel, load_embedding_module
-from lightning_modules.search import ids_path, topk_search
+from lightning_modules.tools.encoder import EmbeddingModel, load_embedding_module
+from lightning_modules.tools.search import ids_path, topk_search
 from main import main
 
 CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")

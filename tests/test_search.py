@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lightning_modules.search import ids_path, main, topk_search
+from lightning_modules.tools.search import ids_path, main, topk_search
 
 
 def brute_force(queries, corpus, k):

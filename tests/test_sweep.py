@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_modules.sweep import (
+from lightning_modules.tools.sweep import (
     MAIN,
     entry_args,
     error_headline,

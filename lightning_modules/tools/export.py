@@ -182,7 +182,7 @@ def export_model(module: nn.Module, directory: str | Path, merge_lora: bool = Fa
 
     Args:
         module: an :class:`~lightning_modules.module.EmbeddingModule` or an
-            :class:`~lightning_modules.encoder.EmbeddingModel` (anything with ``backbone``,
+            :class:`~lightning_modules.tools.encoder.EmbeddingModel` (anything with ``backbone``,
             ``pooler`` and ``head`` built with recorded constructor arguments).
         directory: output folder, created if needed; existing files of the same names are replaced.
         merge_lora: merge the LoRA adapter into the language model and write the merged language
@@ -311,3 +311,24 @@ def _load_adapter(language_model: nn.Module, path: Path) -> None:
     result = set_peft_model_state_dict(language_model, adapter)
     if result.unexpected_keys:
         raise ValueError(f"{path} has tensors the model's adapter lacks: {result.unexpected_keys[:10]}")
+
+
+def main(args: list[str] | None = None) -> Path:
+    """``python main.py export --ckpt_path CKPT --output DIR``: a checkpoint as a model directory."""
+    import argparse
+
+    from lightning_modules.tools.encoder import EmbeddingModel
+
+    parser = argparse.ArgumentParser(
+        prog="main.py export", description="Write a trained checkpoint as a directory EmbeddingModel.from_pretrained reads."
+    )
+    parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint of an EmbeddingModule run")
+    parser.add_argument("--config", default=None, help="the run's config.yaml (default: <log_dir>/config.yaml)")
+    parser.add_argument("--output", required=True, help="directory to write")
+    parser.add_argument("--merge_lora", action="store_true", help="merge the LoRA adapter into the language model")
+    options = parser.parse_args(args)
+    directory = EmbeddingModel.from_checkpoint(options.ckpt_path, options.config).save_pretrained(
+        options.output, options.merge_lora
+    )
+    print(f"exported {options.ckpt_path} to {directory}")
+    return directory

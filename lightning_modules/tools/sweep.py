@@ -48,7 +48,7 @@ from typing import Any
 
 import yaml
 
-MAIN = Path(__file__).resolve().parent.parent / "main.py"
+MAIN = Path(__file__).resolve().parents[2] / "main.py"
 RECORD = "sweep_result.json"
 SETTING = re.compile(r"^(?:--)?([A-Za-z_][\w.\-]*)=(.*)$", re.DOTALL)
 #: Columns of the markdown table: (metric key, header). Test metrics come from the best checkpoint.

@@ -16,7 +16,7 @@ from torch import nn
 
 from datamodules.audio import AudioPolicy, load_audio
 from lightning_modules.backbones.base import Backbone
-from lightning_modules.export import export_model, find_temperature, load_components
+from lightning_modules.tools.export import export_model, find_temperature, load_components
 from lightning_modules.heads import Head, IdentityHead
 from lightning_modules.inputs import EmbedInput
 from lightning_modules.module import EmbeddingModule
@@ -75,7 +75,7 @@ class EmbeddingModel(nn.Module):
     """A trained embedding model for inference: backbone → pooler → head → (L2 norm).
 
     Build it with :meth:`from_pretrained` (a directory written by :meth:`save_pretrained` /
-    :func:`~lightning_modules.export.export_model`), :meth:`from_checkpoint` (a Lightning checkpoint
+    :func:`~lightning_modules.tools.export.export_model`), :meth:`from_checkpoint` (a Lightning checkpoint
     and its run config) or :meth:`from_module`; then call :meth:`encode`.
 
     Args:
@@ -111,7 +111,7 @@ class EmbeddingModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None) -> EmbeddingModel:
-        """Load a directory written by :meth:`save_pretrained` (see :mod:`lightning_modules.export`)."""
+        """Load a directory written by :meth:`save_pretrained` (see :mod:`lightning_modules.tools.export`)."""
         model = cls(*load_components(directory))
         return model.to(device) if device is not None else model
 
@@ -124,7 +124,7 @@ class EmbeddingModel(nn.Module):
         return model.to(device) if device is not None else model
 
     def save_pretrained(self, directory: str | Path, merge_lora: bool = False) -> Path:
-        """Export to ``directory``; see :func:`~lightning_modules.export.export_model`."""
+        """Export to ``directory``; see :func:`~lightning_modules.tools.export.export_model`."""
         return export_model(self, directory, merge_lora)
 
     def embed(self, inputs: dict[str, torch.Tensor], modality: str, normalize: bool = True) -> torch.Tensor:

@@ -1,0 +1,51 @@
+"""Commands that are not training: every ``python main.py <tool>`` besides fit/validate/test/predict.
+
+Each tool is a function ``run(argv) -> exit status or result`` with its own ``--help``; :data:`TOOLS`
+is the one list ``main.py`` dispatches on and prints in ``python main.py --help``, so adding a tool
+means one module here and one line in :data:`TOOLS`. Tools import their heavy dependencies lazily,
+so ``python main.py --help`` and ``check-data`` stay fast and never build a model.
+
+The tools' library code lives beside them: :mod:`~lightning_modules.tools.export` and
+:mod:`~lightning_modules.tools.encoder` (inference model, ``from_pretrained``),
+:mod:`~lightning_modules.tools.search` (exact top-k), :mod:`~lightning_modules.tools.sweep`.
+``check-data`` only needs the data layer, so its scan stays in :mod:`datamodules.check` and is
+registered here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A subcommand: where its entry point lives and the line ``--help`` shows for it."""
+
+    target: str  # "package.module:function", imported only when the tool runs
+    summary: str
+
+    def entry(self) -> Callable[[list[str]], Any]:
+        module, function = self.target.split(":")
+        return getattr(importlib.import_module(module), function)
+
+
+TOOLS: dict[str, Tool] = {
+    "check-data": Tool("datamodules.check:main", "scan a config's manifests and audio headers for bad samples"),
+    "export": Tool("lightning_modules.tools.export:main", "write a checkpoint as a self-contained model directory"),
+    "search": Tool("lightning_modules.tools.search:main", "exact top-k search between two embeddings files"),
+    "sweep": Tool("lightning_modules.tools.sweep:run_sweep", "run an ablation grid and tabulate the results"),
+}
+
+
+def tools_help() -> str:
+    """The block ``python main.py --help`` appends: one line per tool."""
+    width = max(len(name) for name in TOOLS)
+    lines = ["other subcommands (each has its own --help):"]
+    lines += [f"  {name:<{width}}  {tool.summary}" for name, tool in TOOLS.items()]
+    return "\n".join(lines)
+
+
+__all__ = ["TOOLS", "Tool", "tools_help"]
