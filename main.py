@@ -63,6 +63,12 @@ class EmbeddingCLI(LightningCLI):
             "plus the estimated size of one checkpoint (trainable weights and AdamW moments); else fit stops.",
         )
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # The data decides nothing about the model: it gets the model's rate and collator here.
+        if self.datamodule is not None:
+            self.datamodule.bind(self.model.backbone.sampling_rate, self.model.collate)
+
     def before_fit(self) -> None:
         # Only the first process: the others would race it for the logger's next version folder.
         if rank_zero_only.rank == 0:

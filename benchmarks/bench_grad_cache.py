@@ -32,7 +32,7 @@ def step(batch: int, chunk: int | None, width: int, seconds: float) -> dict:
     import torch
 
     from lightning_modules import EmbeddingModule, EmbTokenPooler, QwenOmniThinker
-    from lightning_modules.inputs import EmbedInput
+    from datamodules.inputs import EmbedInput
     from losses import InfoNCE
 
     torch.set_num_threads(1)

@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from losses import HybridNCE, InfoNCE, MarginMasker, Matryoshka
+from losses import BatchInfo, HybridNCE, InfoNCE, MarginMasker, Matryoshka
 
 
 def losses_to_compare(dim: int) -> dict[str, torch.nn.Module]:
@@ -31,22 +31,22 @@ def losses_to_compare(dim: int) -> dict[str, torch.nn.Module]:
     }
 
 
-def structure(batch: int) -> dict:
+def structure(batch: int) -> BatchInfo:
     rng = random.Random(0)
     # Two captions per clip; a quarter of the rows sampled tags drawn from 50 clusters.
     kinds = [rng.choice(["long", "short", "caption", "tags"]) for _ in range(batch)]
-    return dict(
-        clip_ids=torch.arange(batch) // 2,
+    return BatchInfo(
+        clip_index=torch.arange(batch) // 2,
         texts=[f"caption {rng.randrange(batch)}" for _ in range(batch)],
         tag_clusters=[frozenset(rng.sample(range(50), 2)) if k == "tags" else frozenset() for k in kinds],
         caption_kinds=kinds,
     )
 
 
-def time_once(loss: torch.nn.Module, q: torch.Tensor, d: torch.Tensor, kwargs: dict) -> float:
+def time_once(loss: torch.nn.Module, q: torch.Tensor, d: torch.Tensor, info: BatchInfo) -> float:
     q, d = q.detach().requires_grad_(), d.detach().requires_grad_()
     start = time.perf_counter()
-    loss(q, d, **kwargs).loss.backward()
+    loss(q, d, info).loss.backward()
     return time.perf_counter() - start
 
 
@@ -63,7 +63,7 @@ def main(args: list[str] | None = None) -> None:
     g = torch.Generator().manual_seed(0)
     q = F.normalize(torch.randn(opts.batch, opts.dim, generator=g), dim=-1)
     d = F.normalize(q + torch.randn(opts.batch, opts.dim, generator=g), dim=-1)
-    kwargs = structure(opts.batch)
+    info = structure(opts.batch)
 
     print(f"B = {opts.batch}, D = {opts.dim}, float32, {torch.get_num_threads()} CPU threads, "
           f"median of {opts.repeats}, forward + backward")
@@ -73,7 +73,7 @@ def main(args: list[str] | None = None) -> None:
     # the first two rounds warm up the allocator and kernels.
     for round_ in range(opts.repeats + 2):
         for name, loss in losses.items():
-            seconds = time_once(loss, q, d, kwargs)
+            seconds = time_once(loss, q, d, info)
             if round_ >= 2:
                 samples[name].append(seconds)
     timings = {name: statistics.median(values) for name, values in samples.items()}

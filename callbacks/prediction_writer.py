@@ -29,7 +29,7 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from safetensors.torch import save_file
 
-from lightning_modules.collate import MAX_DOCS_PER_CLIP
+from datamodules.collate import MAX_DOCS_PER_CLIP
 from lightning_modules.tools.search import ids_path
 
 FORMAT = "alm-embed/embeddings"

@@ -7,7 +7,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics.utilities.data import dim_zero_cat
 
-from lightning_modules.collate import MAX_DOCS_PER_CLIP
+from datamodules.collate import MAX_DOCS_PER_CLIP
 from lightning_modules.metrics import AudioTextRetrieval
 
 __all__ = ["EmbeddingProjector"]

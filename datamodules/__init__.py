@@ -2,6 +2,8 @@
 
 from datamodules.audio import AudioDecodeError, AudioPolicy, audio_duration, load_audio
 from datamodules.bad_samples import REASONS, SkippedSample
+from datamodules.collate import PairCollator
+from datamodules.inputs import Collator, EmbedInput
 from datamodules.bucketing import DurationBatchSampler, manifest_durations
 from datamodules.datamodule import RetrievalDataModule
 from datamodules.datasets import EpochSampler, EvalDataset, PairDataset
@@ -12,10 +14,13 @@ __all__ = [
     "AudioDecodeError",
     "AudioPolicy",
     "ClipRecord",
+    "Collator",
+    "EmbedInput",
     "DurationBatchSampler",
     "EpochSampler",
     "EvalDataset",
     "ManifestError",
+    "PairCollator",
     "PairDataset",
     "REASONS",
     "RetrievalDataModule",

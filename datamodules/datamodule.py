@@ -31,9 +31,9 @@ class RetrievalDataModule(pl.LightningDataModule):
     """Audio–text pairs for training and the 5-caption retrieval protocol for evaluation.
 
     Manifests are parsed in :meth:`setup` (files ending in ``.jsonl`` are JSONL rows, ``.json`` the
-    AudioCaps/Clotho list format). The sampling rate and the collate function belong to the model:
-    call :meth:`bind`, or let the data loaders take them from ``trainer.lightning_module``
-    (``backbone.sampling_rate`` and ``collate``).
+    AudioCaps/Clotho list format). The sampling rate and the collate function belong to the model
+    and are given explicitly with :meth:`bind` (the CLI binds the model's ``backbone.sampling_rate``
+    and ``collate`` once both are built); the data module never reads them off the trainer.
 
     Training draws one caption per clip per epoch. The train loader uses :class:`EpochSampler`,
     which Lightning gives the epoch through ``set_epoch`` and which passes it to the dataset inside
@@ -237,10 +237,10 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def _bound(self) -> tuple[int, Callable[[list[dict[str, Any]]], Any]]:
         if self.sampling_rate is None or self.collate_fn is None:
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            if module is None:
-                raise RuntimeError("call bind(sampling_rate, collate_fn) before asking for a data loader")
-            self.bind(module.backbone.sampling_rate, module.collate)
+            raise RuntimeError(
+                f"{type(self).__name__} has no model binding: call bind(sampling_rate, collate_fn) with the "
+                "model's backbone rate and collator before asking for a data loader (the CLI does it)"
+            )
         return self.sampling_rate, self.collate_fn
 
     def _split(self, split: str) -> list[ClipRecord]:

@@ -20,7 +20,7 @@ keys as well as plain indices (which use the epoch from :meth:`PairDataset.set_e
 A clip whose audio fails to decode raises :class:`~datamodules.audio.AudioDecodeError` naming the
 manifest row and the file, or, with ``on_bad_sample="skip"``, the dataset returns a
 :class:`~datamodules.bad_samples.SkippedSample` in the item's place, which the collator drops and
-counts (see :class:`lightning_modules.collate.PairCollator`).
+counts (see :class:`datamodules.collate.PairCollator`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from torch.utils.data import Dataset, Sampler
 from datamodules.audio import AudioDecodeError, AudioPolicy, load_audio
 from datamodules.bad_samples import BadSamplePolicy, SkippedSample
 from datamodules.manifest import ClipRecord
-from lightning_modules.inputs import EmbedInput
+from datamodules.inputs import EmbedInput
 
 __all__ = ["EpochSampler", "EvalDataset", "PairDataset"]
 

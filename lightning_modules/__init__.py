@@ -5,7 +5,6 @@ from lightning_modules.backbones.qwen_omni import PromptTemplates, QwenOmniThink
 from lightning_modules.adapters import LoraSettings
 from lightning_modules.guide import BagOfWordsGuide, PretrainedTextGuide, TextGuide
 from lightning_modules.heads import Head, IdentityHead, LinearHead, MLPHead, ModalityHeads
-from lightning_modules.inputs import EmbedInput
 from lightning_modules.module import EmbeddingModule
 from lightning_modules.poolers import EmbTokenPooler, LastTokenPooler, MeanPooler, Pooler
 
@@ -17,7 +16,6 @@ __all__ = [
     "Backbone",
     "BackboneOutput",
     "EmbTokenPooler",
-    "EmbedInput",
     "EmbeddingModule",
     "Head",
     "IdentityHead",

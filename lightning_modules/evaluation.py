@@ -20,7 +20,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from datamodules.eval_sets import DIRECTION_NAMES, EvalSet, HardNegative, qa_layout
-from lightning_modules.inputs import EmbedInput
+from datamodules.inputs import EmbedInput
 from lightning_modules.metrics import AudioTextRetrieval, QARetrievalAccuracy
 
 __all__ = ["Evaluator", "build_evaluators", "mean_over_sets"]

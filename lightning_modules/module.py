@@ -22,12 +22,12 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_modules.adapters import quantized_parameters
 from lightning_modules.backbones.base import Backbone
-from lightning_modules.collate import PairCollator
+from datamodules.collate import PairCollator
 from lightning_modules.evaluation import Evaluator, build_evaluators, mean_over_sets
 from lightning_modules.grad_cache import RngState, split_inputs
 from lightning_modules.guide import TextGuide
 from lightning_modules.heads import Head, IdentityHead
-from lightning_modules.inputs import EmbedInput
+from datamodules.inputs import EmbedInput
 from lightning_modules.poolers import Pooler
 from lightning_modules.rng import capture_rng_state, restore_rng_state
 from lightning_modules.weights import (

@@ -6,10 +6,11 @@ from losses.hybrid_nce import HybridNCE
 from losses.infonce import InfoNCE
 from losses.maskers import DuplicateMasker, FalseNegativeMasker, GuideModelMasker, MarginMasker
 from losses.matryoshka import Matryoshka
-from losses.structure import Direction, Structure
+from losses.structure import BatchInfo, Direction, Structure
 from losses.tag_clusters import TagClusterMap
 
 __all__ = [
+    "BatchInfo",
     "ContrastiveLoss",
     "Direction",
     "DuplicateMasker",

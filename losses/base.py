@@ -1,20 +1,14 @@
-"""Shared contract of the contrastive losses: validation, temperature, directions, masking, logs.
+"""Shared contract of the contrastive losses: validation, precision, temperature, directions, masking, logs.
 
-A loss is called as ``loss(query, document, **structure) -> LossOutput``. ``query`` and ``document``
-are (B, D) L2-normalised embeddings whose row ``i`` is a true pair. ``structure`` is optional batch
-information; each loss uses what it needs and ignores the rest:
+A loss is called as ``loss(query, document, info=None) -> LossOutput``. ``query`` and ``document``
+are (B, D) L2-normalised embeddings whose row ``i`` is a true pair; ``info`` is an optional
+:class:`~losses.structure.BatchInfo` (clip indices, texts, tag clusters, ...), built by the collator,
+of which each loss uses what it needs.
 
-- ``clip_ids``: LongTensor (B,), the clip of each pair (several captions of one clip share it).
-- ``texts``: list of B document texts (identical texts are the same item).
-- ``positive_mask``: BoolTensor (B, B), extra (query, document) positives.
-- ``tag_clusters``: list of B sets of tag-cluster ids (see :class:`losses.TagClusterMap`).
-- ``caption_kinds``: list of B strings, which caption was sampled ("long", "short", "tags", ...).
-- ``guide_scores``: Tensor (B, B), a frozen guide model's query×document similarities.
-
-All input checking lives here, so every loss rejects bad input with the same messages.
-
-Similarities are computed in float32 (whatever the embeddings' precision), or in float64 when the
-embeddings are float64, which the tests use to compare against float64 references.
+All input checking lives in :meth:`ContrastiveLoss.forward`, so every loss rejects bad input with the
+same messages. Losses compute with autocast disabled, on float32 inputs (float64 when the embeddings
+are float64, which the tests use to compare against float64 references): under ``bf16-mixed``,
+autocast would otherwise recast the similarity matmul to bfloat16 even after ``.float()``.
 """
 
 from __future__ import annotations
@@ -29,9 +23,7 @@ from torch import nn
 
 from losses.distributed import GatheredBatch, GatherMode, gather_batch
 from losses.maskers import FalseNegativeMasker
-from losses.structure import Direction, Structure
-
-STRUCTURE_KEYS = ("clip_ids", "texts", "positive_mask", "tag_clusters", "caption_kinds", "guide_scores")
+from losses.structure import BatchInfo, Direction, Structure
 
 
 @dataclass
@@ -93,76 +85,37 @@ def _check_embeddings(query: Any, document: Any) -> None:
         raise TypeError(f"query dtype {query.dtype} != document dtype {document.dtype}")
 
 
-def check_positive_mask(mask: Any, rows: int, cols: int, name: str = "positive_mask") -> None:
-    """Raise unless ``mask`` is ``None`` or a ``rows × cols`` boolean tensor."""
-    if mask is None:
-        return
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (rows, cols):
-        raise ValueError(
-            f"{name} must be a boolean tensor of shape ({rows}, {cols}), got "
-            f"{getattr(mask, 'dtype', type(mask))} {tuple(getattr(mask, 'shape', ()))}"
-        )
-
-
-def _check_list(name: str, value: Any, batch: int, item_ok, item_doc: str) -> None:
-    if not isinstance(value, (list, tuple)) or len(value) != batch:
-        length = len(value) if hasattr(value, "__len__") else "?"
-        raise ValueError(f"{name} must be a list of {batch} {item_doc}, got {type(value).__name__} of length {length}")
-    for i, item in enumerate(value):
-        if not item_ok(item):
-            raise TypeError(f"{name}[{i}] must be {item_doc}, got {item!r}")
-
-
-def _is_cluster_set(item: Any) -> bool:
-    return isinstance(item, (set, frozenset)) and all(isinstance(c, int) and not isinstance(c, bool) for c in item)
-
-
-def validate_inputs(query: Any, document: Any, structure: dict[str, Any]) -> None:
+def validate_inputs(query: Any, document: Any, info: BatchInfo | None) -> None:
     """Raise a ``ValueError``/``TypeError`` naming the offending argument if anything is malformed."""
     _check_embeddings(query, document)
-    unknown = sorted(set(structure) - set(STRUCTURE_KEYS))
-    if unknown:
-        raise TypeError(f"unknown structure argument(s) {unknown}; expected some of {list(STRUCTURE_KEYS)}")
-    batch = query.shape[0]
-    clip_ids = structure.get("clip_ids")
-    if clip_ids is not None:
-        if (
-            not isinstance(clip_ids, torch.Tensor)
-            or clip_ids.is_floating_point()
-            or clip_ids.is_complex()
-            or clip_ids.dtype == torch.bool
-            or tuple(clip_ids.shape) != (batch,)
-        ):
-            raise ValueError(
-                f"clip_ids must be an integer tensor of shape ({batch},), got "
-                f"{getattr(clip_ids, 'dtype', type(clip_ids))} {tuple(getattr(clip_ids, 'shape', ()))}"
-            )
-    if structure.get("texts") is not None:
-        _check_list("texts", structure["texts"], batch, lambda t: isinstance(t, str), "strings")
-    if structure.get("caption_kinds") is not None:
-        _check_list("caption_kinds", structure["caption_kinds"], batch, lambda t: isinstance(t, str), "strings")
-    if structure.get("tag_clusters") is not None:
-        _check_list("tag_clusters", structure["tag_clusters"], batch, _is_cluster_set, "sets of int cluster ids")
-    check_positive_mask(structure.get("positive_mask"), batch, batch)
-    guide = structure.get("guide_scores")
-    if guide is not None:
-        if not isinstance(guide, torch.Tensor) or not guide.is_floating_point() or tuple(guide.shape) != (batch, batch):
-            raise ValueError(
-                f"guide_scores must be a floating-point tensor of shape ({batch}, {batch}), got "
-                f"{getattr(guide, 'dtype', type(guide))} {tuple(getattr(guide, 'shape', ()))}"
-            )
-        if torch.isnan(guide).any():
-            raise ValueError("guide_scores contain NaN")
+    if info is not None:
+        if not isinstance(info, BatchInfo):
+            raise TypeError(f"the loss's third argument must be a BatchInfo, got {type(info).__name__}")
+        info.validate(query.shape[0])
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for float64 embeddings (reference tests), else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class ContrastiveLoss(nn.Module):
-    """What the training module calls: ``loss(query, document, **structure) -> LossOutput``.
+    """What the training module calls: ``loss(query, document, info=None) -> LossOutput``.
 
-    See the module docstring for the structure arguments. Most losses derive from
+    :meth:`forward` validates the inputs, turns autocast off and casts the embeddings to the compute
+    dtype, then calls :meth:`compute`, which subclasses implement. Most losses derive from
     :class:`SimilarityLoss`; wrappers such as :class:`losses.Matryoshka` derive from this class.
     """
 
-    def forward(self, query: torch.Tensor, document: torch.Tensor, **structure: Any) -> LossOutput:
+    def forward(self, query: torch.Tensor, document: torch.Tensor, info: BatchInfo | None = None) -> LossOutput:
+        validate_inputs(query, document, info)
+        info = info if info is not None else BatchInfo()
+        dtype = compute_dtype(query)
+        with torch.autocast(query.device.type, enabled=False):
+            return self.compute_loss(query.to(dtype), document.to(dtype), info)
+
+    def compute_loss(self, query: torch.Tensor, document: torch.Tensor, info: BatchInfo) -> LossOutput:
+        """The loss of validated float32 (or float64) embeddings, autocast off."""
         raise NotImplementedError
 
 
@@ -213,25 +166,24 @@ class SimilarityLoss(ContrastiveLoss):
         self.gather = gather
 
     def check_structure(self, present: Collection[str]) -> None:
-        """Raise a ``ValueError`` when a structure argument this loss needs is missing."""
+        """Raise a ``ValueError`` when a :class:`BatchInfo` field this loss needs is missing."""
 
     def extra_positives(self, structure: Structure) -> torch.Tensor | None:
         """(N, N) query×document extra positives of the batch, or ``None`` when the loss uses none."""
         return None
 
     def compute(self, direction: Direction) -> torch.Tensor:
-        """Per-anchor losses (A,) of one direction."""
+        """Per-anchor losses (A,) of one direction (subclasses implement it)."""
         raise NotImplementedError
 
-    def forward(self, query: torch.Tensor, document: torch.Tensor, **structure: Any) -> LossOutput:
-        validate_inputs(query, document, structure)
-        present = {key for key, value in structure.items() if value is not None}
+    def compute_loss(self, query: torch.Tensor, document: torch.Tensor, info: BatchInfo) -> LossOutput:
+        present = info.present()
         self.check_structure(present)
         for masker in self.maskers:
             masker.check_structure(present)
-        dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-        encoded = Structure.encode(query.shape[0], query.device, **structure)
-        batch = gather_batch(query.to(dtype), document.to(dtype), encoded, self.gather)
+        dtype = query.dtype
+        encoded = Structure.encode(query.shape[0], query.device, info)
+        batch = gather_batch(query, document, encoded, self.gather)
         positives = self.extra_positives(batch.structure)
 
         losses, stats = {}, []

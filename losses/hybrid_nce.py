@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection
-from typing import Literal
+from typing import Any
 
 import torch
 
 from losses.base import SimilarityLoss, masked_logsumexp
-from losses.distributed import GatherMode
-from losses.maskers import FalseNegativeMasker
 from losses.structure import Direction, Structure, string_key
 
 
@@ -52,18 +50,16 @@ class HybridNCE(SimilarityLoss):
     - Duplicates and ``positive_mask`` also count as (λ-weighted) extra positives.
     - No ``1e-8`` guards; log-space evaluation keeps float32 stable instead.
 
+    τ is 0.05 in AuroLA.
+
     Args:
-        temperature: initial τ (0.05 in AuroLA).
-        learnable_temperature: learn τ.
-        max_logit_scale: upper bound on 1/τ.
         alpha: weight of the positives in the denominator (AuroLA's default 1.0).
         lam: weight λ of the extra positives in numerator and denominator (AuroLA's default 1.0).
         beta: hardness β of the negative weights (AuroLA's default 0.1).
         positives_only_for_tags: tag clusters count only for rows whose caption kind is "tags".
         detach_weights: stop the gradient through the negative weights ``w⁻``.
-        directions: ``"q2d"``, ``"d2q"`` or ``"both"``.
-        masker: false-negative masker(s); dropped candidates leave ``N_i``.
-        gather: cross-process negatives: ``"none"``, ``"local"`` or ``"global"``.
+        **kwargs: the :class:`~losses.base.SimilarityLoss` settings (temperature, directions,
+            masker (dropped candidates leave ``N_i``), gather, ...).
 
     References:
         AuroLA: arXiv 2602.18010 (code: github.com/Jazzcharles/AuroLA).
@@ -74,30 +70,26 @@ class HybridNCE(SimilarityLoss):
 
     Example:
         >>> import torch
+        >>> from losses import BatchInfo
         >>> loss = HybridNCE(alpha=0.5, beta=0.1, lam=1.0)
         >>> q = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
         >>> d = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
-        >>> out = loss(q, d, tag_clusters=[{1, 2}, {1, 2}, set(), {3}],
-        ...            caption_kinds=["tags", "tags", "long", "tags"])
+        >>> out = loss(q, d, BatchInfo(tag_clusters=[{1, 2}, {1, 2}, set(), {3}],
+        ...            caption_kinds=["tags", "tags", "long", "tags"]))
         >>> out.logs["extra_positives"].item()
         0.5
     """
 
     def __init__(
         self,
-        temperature: float = 0.05,
-        learnable_temperature: bool = False,
-        max_logit_scale: float = 100.0,
         alpha: float = 1.0,
         lam: float = 1.0,
         beta: float = 0.1,
         positives_only_for_tags: bool = True,
         detach_weights: bool = False,
-        directions: Literal["q2d", "d2q", "both"] = "both",
-        masker: FalseNegativeMasker | list[FalseNegativeMasker] | None = None,
-        gather: GatherMode = "none",
+        **kwargs: Any,
     ):
-        super().__init__(temperature, learnable_temperature, max_logit_scale, directions, masker, gather)
+        super().__init__(**kwargs)
         for name, value in (("alpha", alpha), ("lam", lam), ("beta", beta)):
             if value < 0:
                 raise ValueError(f"{name} must be non-negative, got {value}")

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from losses.base import SimilarityLoss
-from losses.distributed import GatherMode
-from losses.maskers import FalseNegativeMasker
 from losses.structure import Direction, Structure
 
 
@@ -29,14 +27,12 @@ class InfoNCE(SimilarityLoss):
       (−log of the softmax mass on the positive set; MIL-NCE style).
     - ``"mask"``: they are removed from the denominator; the numerator stays the pair.
 
+    τ is 0.05 in AuroLA, 0.07 in Omni-Embed-Audio, learnable in ALM2Vec and CLIP.
+
     Args:
-        temperature: initial τ (0.05 in AuroLA, 0.07 in Omni-Embed-Audio).
-        learnable_temperature: learn τ, as in ALM2Vec and CLIP.
-        max_logit_scale: upper bound on 1/τ.
-        directions: ``"q2d"``, ``"d2q"`` or ``"both"`` (symmetric).
         positives: treatment of extra positives: ``"none"``, ``"multi"`` or ``"mask"``.
-        masker: false-negative masker(s), see :mod:`losses.maskers`.
-        gather: cross-process negatives: ``"none"``, ``"local"`` or ``"global"``.
+        **kwargs: the :class:`~losses.base.SimilarityLoss` settings (temperature, directions,
+            masker, gather, ...).
 
     References:
         van den Oord et al., "Representation Learning with Contrastive Predictive Coding", 2018.
@@ -46,33 +42,25 @@ class InfoNCE(SimilarityLoss):
 
     Example:
         >>> import torch
+        >>> from losses import BatchInfo
         >>> loss = InfoNCE(temperature=0.07, positives="multi")
         >>> q = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
         >>> d = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
-        >>> out = loss(q, d, clip_ids=torch.tensor([0, 0, 1, 2]))
+        >>> out = loss(q, d, BatchInfo(clip_index=torch.tensor([0, 0, 1, 2])))
         >>> out.loss.shape, sorted(out.logs)[:3]
         (torch.Size([]), ['extra_positives', 'loss_d2q', 'loss_q2d'])
     """
 
-    def __init__(
-        self,
-        temperature: float = 0.05,
-        learnable_temperature: bool = False,
-        max_logit_scale: float = 100.0,
-        directions: Literal["q2d", "d2q", "both"] = "both",
-        positives: Literal["none", "multi", "mask"] = "none",
-        masker: FalseNegativeMasker | list[FalseNegativeMasker] | None = None,
-        gather: GatherMode = "none",
-    ):
-        super().__init__(temperature, learnable_temperature, max_logit_scale, directions, masker, gather)
+    def __init__(self, positives: Literal["none", "multi", "mask"] = "none", **kwargs: Any):
+        super().__init__(**kwargs)
         if positives not in ("none", "multi", "mask"):
             raise ValueError(f"positives must be 'none', 'multi' or 'mask', got {positives!r}")
         self.positives = positives
 
     def check_structure(self, present: Collection[str]) -> None:
-        if self.positives != "none" and not {"clip_ids", "texts", "positive_mask"} & set(present):
+        if self.positives != "none" and not {"clip_index", "texts", "positive_mask"} & set(present):
             raise ValueError(
-                f"InfoNCE(positives={self.positives!r}) needs `clip_ids`, `texts` or `positive_mask` in the loss call"
+                f"InfoNCE(positives={self.positives!r}) needs `clip_index`, `texts` or `positive_mask` in the BatchInfo"
             )
 
     def extra_positives(self, structure: Structure) -> torch.Tensor | None:

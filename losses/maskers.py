@@ -80,16 +80,16 @@ class DuplicateMasker(FalseNegativeMasker):
 
     Example:
         >>> import torch
-        >>> from losses import InfoNCE
+        >>> from losses import BatchInfo, InfoNCE
         >>> q = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
-        >>> out = InfoNCE(masker=DuplicateMasker())(q, q, clip_ids=torch.tensor([0, 0, 1, 2]))
+        >>> out = InfoNCE(masker=DuplicateMasker())(q, q, BatchInfo(clip_index=torch.tensor([0, 0, 1, 2])))
         >>> round(out.logs["masked_fraction"].item(), 4)
         0.1667
     """
 
     def check_structure(self, present: Collection[str]) -> None:
-        if "clip_ids" not in present and "texts" not in present:
-            raise ValueError("DuplicateMasker needs `clip_ids` or `texts` in the loss call")
+        if "clip_index" not in present and "texts" not in present:
+            raise ValueError("DuplicateMasker needs `clip_index` or `texts` in the BatchInfo")
 
     def rule(self, direction: Direction, structure: Structure) -> torch.Tensor:
         drop = torch.zeros_like(direction.scores, dtype=torch.bool)
@@ -120,9 +120,9 @@ class GuideModelMasker(FalseNegativeMasker):
 
     Example:
         >>> import torch
-        >>> from losses import InfoNCE
+        >>> from losses import BatchInfo, InfoNCE
         >>> q = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
-        >>> out = InfoNCE(masker=GuideModelMasker(0.1))(q, q, guide_scores=q @ q.T)
+        >>> out = InfoNCE(masker=GuideModelMasker(0.1))(q, q, BatchInfo(guide_scores=q @ q.T))
         >>> "masked_fraction" in out.logs
         True
     """
@@ -133,7 +133,7 @@ class GuideModelMasker(FalseNegativeMasker):
 
     def check_structure(self, present: Collection[str]) -> None:
         if "guide_scores" not in present:
-            raise ValueError("GuideModelMasker needs `guide_scores` in the loss call")
+            raise ValueError("GuideModelMasker needs `guide_scores` in the BatchInfo")
 
     @torch.no_grad()
     def rule(self, direction: Direction, structure: Structure) -> torch.Tensor:

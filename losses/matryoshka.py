@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
-from losses.base import ContrastiveLoss, LossOutput, validate_inputs
+from losses.base import ContrastiveLoss, LossOutput
+from losses.structure import BatchInfo
 
 
 class Matryoshka(ContrastiveLoss):
@@ -47,16 +46,13 @@ class Matryoshka(ContrastiveLoss):
         self.dims = list(dims)
         self.weights = [1.0] * len(dims) if weights is None else list(weights)
 
-    def forward(self, query: torch.Tensor, document: torch.Tensor, **structure: Any) -> LossOutput:
-        validate_inputs(query, document, structure)
+    def compute_loss(self, query: torch.Tensor, document: torch.Tensor, info: BatchInfo) -> LossOutput:
         if max(self.dims) > query.shape[1]:
             raise ValueError(f"dims {self.dims} exceed the embedding dimension {query.shape[1]}")
-        # Re-normalise in the precision the loss computes in, not in bf16/fp16.
-        dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-        query, document = query.to(dtype), document.to(dtype)
+        # Re-normalised in the loss's compute precision (the base class cast), not in bf16/fp16.
         total, logs = 0.0, {}
         for dim, weight in sorted(zip(self.dims, self.weights), reverse=True):
-            out = self.loss(F.normalize(query[:, :dim], dim=-1), F.normalize(document[:, :dim], dim=-1), **structure)
+            out = self.loss(F.normalize(query[:, :dim], dim=-1), F.normalize(document[:, :dim], dim=-1), info)
             total = total + weight * out.loss
             if not logs:
                 logs.update(out.logs)

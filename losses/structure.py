@@ -1,7 +1,7 @@
 """Batch structure as tensors, and the per-direction view of the similarity matrix.
 
-The optional structure a loss receives (clip ids, document texts, tag clusters, caption kinds, an
-explicit positive mask, guide-model scores) is encoded once into tensors on the embeddings' device.
+The optional batch information a loss receives (:class:`BatchInfo`: clip indices, document texts, tag
+clusters, caption kinds, an explicit positive mask, guide-model scores) is encoded once into tensors on the embeddings' device.
 Strings and sets become 64-bit keys so that they can be compared as a B×B matrix and gathered across
 processes with a fixed-size collective; two different strings or sets share a key with probability
 about 2⁻⁶⁴ per pair, which we accept.
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 import torch
 
@@ -34,6 +34,84 @@ def cluster_set_key(clusters: Iterable[int]) -> int:
         return 0
     # 0 is reserved for "no tags"; a non-empty set hashing to 0 is moved off it.
     return string_key(",".join(map(str, ids))) or 1
+
+
+def _check_list(name: str, value: Any, batch: int, item_ok, item_doc: str) -> None:
+    if not isinstance(value, (list, tuple)) or len(value) != batch:
+        length = len(value) if hasattr(value, "__len__") else "?"
+        raise ValueError(f"{name} must be a list of {batch} {item_doc}, got {type(value).__name__} of length {length}")
+    for i, item in enumerate(value):
+        if not item_ok(item):
+            raise TypeError(f"{name}[{i}] must be {item_doc}, got {item!r}")
+
+
+def _check_matrix(name: str, value: Any, batch: int, ok, kind: str) -> None:
+    if not isinstance(value, torch.Tensor) or not ok(value) or tuple(value.shape) != (batch, batch):
+        raise ValueError(
+            f"{name} must be a {kind} tensor of shape ({batch}, {batch}), got "
+            f"{getattr(value, 'dtype', type(value))} {tuple(getattr(value, 'shape', ()))}"
+        )
+
+
+def _is_cluster_set(item: Any) -> bool:
+    return isinstance(item, (set, frozenset)) and all(isinstance(c, int) and not isinstance(c, bool) for c in item)
+
+
+@dataclass
+class BatchInfo:
+    """What a loss may know about a training batch besides the embeddings; every field is optional.
+
+    Built by the pair collator (``datamodules.collate.PairCollator``) and passed as
+    ``loss(query, document, info)``; row ``i`` describes pair ``i``. A new field is one attribute
+    here, its check in :meth:`validate` and its encoding in :meth:`Structure.encode`.
+
+    Attributes:
+        clip_index: LongTensor (B,), the integer index of each pair's clip (several captions of one
+            clip share it). (The batch's ``clip_ids`` are the clips' string ids, for messages.)
+        texts: B document texts (identical texts are the same item).
+        positive_mask: BoolTensor (B, B), extra (query, document) positives.
+        tag_clusters: B sets of tag-cluster ids (see :class:`losses.TagClusterMap`).
+        caption_kinds: B strings, which caption was sampled ("long", "short", "tags", ...).
+        guide_scores: Tensor (B, B), a frozen guide model's query×document similarities.
+    """
+
+    clip_index: torch.Tensor | None = None
+    texts: list[str] | None = None
+    positive_mask: torch.Tensor | None = None
+    tag_clusters: list[frozenset[int]] | None = None
+    caption_kinds: list[str] | None = None
+    guide_scores: torch.Tensor | None = None
+
+    def present(self) -> set[str]:
+        """Names of the fields that are set."""
+        return {f.name for f in fields(self) if getattr(self, f.name) is not None}
+
+    def validate(self, batch: int) -> None:
+        """Raise a ``ValueError``/``TypeError`` naming the offending field if anything is malformed."""
+        index = self.clip_index
+        if index is not None and (
+            not isinstance(index, torch.Tensor)
+            or index.is_floating_point()
+            or index.is_complex()
+            or index.dtype == torch.bool
+            or tuple(index.shape) != (batch,)
+        ):
+            raise ValueError(
+                f"clip_index must be an integer tensor of shape ({batch},), got "
+                f"{getattr(index, 'dtype', type(index))} {tuple(getattr(index, 'shape', ()))}"
+            )
+        if self.texts is not None:
+            _check_list("texts", self.texts, batch, lambda t: isinstance(t, str), "strings")
+        if self.caption_kinds is not None:
+            _check_list("caption_kinds", self.caption_kinds, batch, lambda t: isinstance(t, str), "strings")
+        if self.tag_clusters is not None:
+            _check_list("tag_clusters", self.tag_clusters, batch, _is_cluster_set, "sets of int cluster ids")
+        if self.positive_mask is not None:
+            _check_matrix("positive_mask", self.positive_mask, batch, lambda m: m.dtype == torch.bool, "boolean")
+        if self.guide_scores is not None:
+            _check_matrix("guide_scores", self.guide_scores, batch, torch.Tensor.is_floating_point, "floating-point")
+            if torch.isnan(self.guide_scores).any():
+                raise ValueError("guide_scores contain NaN")
 
 
 @dataclass
@@ -63,30 +141,23 @@ class Structure:
     guide_scores: torch.Tensor | None = None
 
     @classmethod
-    def encode(
-        cls,
-        size: int,
-        device: torch.device,
-        clip_ids: torch.Tensor | None = None,
-        texts: list[str] | None = None,
-        positive_mask: torch.Tensor | None = None,
-        tag_clusters: list[frozenset[int]] | None = None,
-        caption_kinds: list[str] | None = None,
-        guide_scores: torch.Tensor | None = None,
-    ) -> Structure:
-        """Encode validated structure keyword arguments (see :func:`losses.base.validate_inputs`)."""
+    def encode(cls, size: int, device: torch.device, info: BatchInfo) -> Structure:
+        """Encode a validated :class:`BatchInfo` of ``size`` pairs."""
 
         def keys(values: list[int] | None) -> torch.Tensor | None:
             return None if values is None else torch.tensor(values, dtype=torch.long, device=device)
 
+        def moved(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device)
+
         return cls(
             size=size,
-            clip_ids=None if clip_ids is None else clip_ids.to(device=device, dtype=torch.long),
-            text_keys=keys(None if texts is None else [string_key(t) for t in texts]),
-            tag_keys=keys(None if tag_clusters is None else [cluster_set_key(c) for c in tag_clusters]),
-            kind_keys=keys(None if caption_kinds is None else [string_key(k) for k in caption_kinds]),
-            positive_mask=None if positive_mask is None else positive_mask.to(device),
-            guide_scores=None if guide_scores is None else guide_scores.to(device),
+            clip_ids=None if info.clip_index is None else info.clip_index.to(device=device, dtype=torch.long),
+            text_keys=keys(None if info.texts is None else [string_key(t) for t in info.texts]),
+            tag_keys=keys(None if info.tag_clusters is None else [cluster_set_key(c) for c in info.tag_clusters]),
+            kind_keys=keys(None if info.caption_kinds is None else [string_key(k) for k in info.caption_kinds]),
+            positive_mask=moved(info.positive_mask),
+            guide_scores=moved(info.guide_scores),
         )
 
     def duplicates(self) -> torch.Tensor | None:

@@ -27,8 +27,8 @@ from datamodules.datasets import EvalDataset
 from datamodules.manifest import read_json_list, read_jsonl, screen_audio
 from lightning_modules import EmbeddingModule, EmbTokenPooler, QwenOmniThinker
 from lightning_modules.backbones.qwen_omni import AUDIO_TOKEN
-from lightning_modules.collate import PairCollator
-from lightning_modules.inputs import EmbedInput
+from datamodules.collate import PairCollator
+from datamodules.inputs import EmbedInput
 from main import main
 
 RATE = 16_000

@@ -284,6 +284,7 @@ def test_trainer_drives_the_bucketed_epochs(synthetic, tmp_path):
     module, dm = _RecordingModule(), _bucketed(synthetic, tmp_path)
     trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, use_distributed_sampler=False)  # fmt: skip
+    dm.bind(module.backbone.sampling_rate, module.collate)
     trainer.fit(module, dm)
     expected = DurationBatchSampler(dm.train_durations(), batch_size=4, pool_multiplier=3)
     for epoch in (0, 1):
@@ -310,6 +311,7 @@ def test_two_process_ddp_shards_the_buckets(synthetic, tmp_path):
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          use_distributed_sampler=False)  # fmt: skip
+    dm.bind(16000, _identity)
     trainer.fit(_ShardRecorder(str(tmp_path / "seen")), dm)
     ranks = [json.loads((tmp_path / f"seen.{r}.json").read_text()) for r in (0, 1)]
     for epoch in ("0", "1"):

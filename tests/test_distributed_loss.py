@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from losses import DuplicateMasker, GuideModelMasker, HybridNCE, InfoNCE, MarginMasker
+from losses import BatchInfo, DuplicateMasker, GuideModelMasker, HybridNCE, InfoNCE, MarginMasker
 
 WORLD = 2
 TIMEOUT = timedelta(seconds=90)
@@ -81,7 +81,7 @@ def full_batch(dtype):
     q = F.normalize(torch.randn(N, D, generator=g, dtype=torch.float64), dim=-1)
     d = F.normalize(q + 0.6 * torch.randn(N, D, generator=g, dtype=torch.float64), dim=-1)
     structure = dict(
-        clip_ids=torch.tensor(CLIP_IDS),
+        clip_index=torch.tensor(CLIP_IDS),
         texts=TEXTS,
         tag_clusters=[frozenset(t) for t in TAGS],
         caption_kinds=KINDS,
@@ -127,7 +127,7 @@ class Towers(nn.Module):
 
     def forward(self, xq, xd, **structure):
         q, d = F.normalize(self.query(xq), dim=-1), F.normalize(self.document(xd), dim=-1)
-        return self.loss(q, d, **structure).loss
+        return self.loss(q, d, BatchInfo(**structure)).loss
 
 
 def tower_inputs():
@@ -152,7 +152,7 @@ def _worker(rank, port, out_dir):
             q, d, structure = full_batch(dtype)
             q, d = q[start:stop].clone().requires_grad_(), d[start:stop].clone().requires_grad_()
             loss = make_loss(name, gather)
-            out = loss(q, d, **local_structure(structure, start, stop))
+            out = loss(q, d, BatchInfo(**local_structure(structure, start, stop)))
             out.loss.backward()
             results[case] = (out.loss.detach(), q.grad, d.grad, temperature_grad(loss))
         for name, gather in DDP_CASES:
@@ -196,7 +196,7 @@ def test_gathered_loss_matches_single_process(per_rank, case):
     q, d, structure = full_batch(dtype)
     q.requires_grad_(), d.requires_grad_()
     loss = make_loss(name, "none")
-    out = loss(q, d, **reference_structure(structure, sizes))
+    out = loss(q, d, BatchInfo(**reference_structure(structure, sizes)))
     learnable = isinstance(loss.temperature.log_scale, nn.Parameter)
     wrt = (q, d, loss.temperature.log_scale) if learnable else (q, d)
     grad_q, grad_d, *grad_t = torch.autograd.grad(out.loss, wrt)

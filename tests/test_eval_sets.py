@@ -19,7 +19,7 @@ from datamodules.manifest import ManifestError, read_manifest
 from lightning_modules import EmbeddingModule, EmbTokenPooler, QwenOmniThinker
 from lightning_modules.diagnostics import embedding_diagnostics
 from lightning_modules.evaluation import mean_over_sets
-from lightning_modules.inputs import EmbedInput
+from datamodules.inputs import EmbedInput
 from lightning_modules.metrics import hard_negative_metrics, qa_accuracy, retrieval_metrics, text_text_metrics
 
 
@@ -146,6 +146,7 @@ def tested(tmp_path_factory):
     report, projector = RetrievalReport(), EmbeddingProjector(max_samples=5)
     trainer = pl.Trainer(accelerator="cpu", logger=TensorBoardLogger(str(root), name="tb"),
                          callbacks=[report, projector], enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    dm.bind(module.backbone.sampling_rate, module.collate)
     trainer.test(module, datamodule=dm)
     return module, dm, report, projector, trainer
 
@@ -234,6 +235,7 @@ def test_partial_evaluation_scores_the_hard_negatives_it_can(tmp_path):
                              batch_size=4, eval_batch_size=3)  # fmt: skip
     trainer = pl.Trainer(accelerator="cpu", logger=False, limit_test_batches=1, enable_progress_bar=False,
                          enable_model_summary=False)  # fmt: skip
+    dm.bind(module.backbone.sampling_rate, module.collate)
     trainer.test(module, datamodule=dm)
     # the first batch holds clips 0-2 = pairs 0 (a, b) and half of pair 1: only pair 0's two triples count
     assert module.test_results["test/synthetic_order/hn/queries"] == 2
@@ -257,6 +259,7 @@ def test_speech_text_set_and_question_field(tmp_path):
     dm = RetrievalDataModule(test_sets={"speech": EvalSet(manifest, task="speech_text", text_field="question")},
                              eval_batch_size=4)  # fmt: skip
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    dm.bind(module.backbone.sampling_rate, module.collate)
     trainer.test(module, datamodule=dm)
     results = module.test_results
     assert {k.split("/")[2] for k in results} == {"t2s", "s2t"} and "test/t2a/R@1" not in results
@@ -277,6 +280,7 @@ def test_several_validation_sets_feed_the_checkpoint_monitor(tmp_path):
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="val/t2a/R@1", mode="max")
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, callbacks=[checkpoint],
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
+    dm.bind(module.backbone.sampling_rate, module.collate)
     trainer.fit(module, datamodule=dm)
     logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
     assert "val/second/t2t/R@1" in logged and "val/first/t2t/R@1" not in logged

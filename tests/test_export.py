@@ -21,7 +21,7 @@ from lightning_modules import (
 from lightning_modules.adapters import LoraSettings
 from lightning_modules.tools.encoder import EmbeddingModel
 from lightning_modules.tools.export import CONFIG_NAME, export_model
-from lightning_modules.inputs import EmbedInput
+from datamodules.inputs import EmbedInput
 from losses.infonce import InfoNCE
 
 RNG = np.random.default_rng(0)

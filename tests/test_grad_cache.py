@@ -7,7 +7,7 @@ import torch
 from lightning_modules import EmbeddingModule, EmbTokenPooler, LinearHead, QwenOmniThinker
 from lightning_modules.adapters import LoraSettings
 from lightning_modules.grad_cache import RngState, split_inputs
-from lightning_modules.inputs import EmbedInput
+from datamodules.inputs import EmbedInput
 from losses import InfoNCE
 
 CAPTIONS = ["a low hum", "two short clicks", "a rising chirp", "a siren then a knock", "noise burst",

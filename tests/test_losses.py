@@ -19,7 +19,7 @@ from losses import (
     Matryoshka,
     Temperature,
 )
-from losses.structure import Direction, Structure
+from losses.structure import BatchInfo, Direction, Structure
 
 B, D = 7, 5
 CLIP_IDS = [0, 1, 0, 2, 3, 1, 4]
@@ -133,7 +133,7 @@ def test_infonce_matches_reference(mode, directions):
     q, d = embeddings()
     mask = random_mask()
     loss = InfoNCE(temperature=0.07, positives=mode, directions=directions)
-    out = loss(q, d, clip_ids=torch.tensor(CLIP_IDS), texts=TEXTS, positive_mask=mask)
+    out = loss(q, d, BatchInfo(clip_index=torch.tensor(CLIP_IDS), texts=TEXTS, positive_mask=mask))
     P = ref_positives(B, CLIP_IDS, TEXTS, mask.tolist())
     assert any(any(row) for row in P)
     ref = ref_infonce(q, d, stored_scale(loss), mode, P if mode != "none" else None, directions=directions)
@@ -146,7 +146,7 @@ def test_infonce_float32_inputs_match_float64_reference():
     q, d = embeddings()
     q32, d32 = q.detach().float().requires_grad_(), d.detach().float().requires_grad_()
     loss = InfoNCE(temperature=0.05, positives="multi")
-    out = loss(q32, d32, clip_ids=torch.tensor(CLIP_IDS))
+    out = loss(q32, d32, BatchInfo(clip_index=torch.tensor(CLIP_IDS)))
     assert out.loss.dtype == torch.float32
     ref = ref_infonce(q, d, stored_scale(loss), "multi", ref_positives(B, CLIP_IDS))
     torch.testing.assert_close(out.loss.double(), ref, rtol=0, atol=1e-5)
@@ -166,7 +166,7 @@ def test_half_precision_embeddings_compute_in_float32():
 def test_learnable_temperature_gradient_matches_reference():
     q, d = embeddings()
     loss = InfoNCE(temperature=0.1, learnable_temperature=True, positives="mask")
-    out = loss(q, d, clip_ids=torch.tensor(CLIP_IDS))
+    out = loss(q, d, BatchInfo(clip_index=torch.tensor(CLIP_IDS)))
     log_scale = loss.temperature.log_scale.detach().double().requires_grad_()
     ref = ref_infonce(q, d, log_scale.exp(), "mask", ref_positives(B, CLIP_IDS))
     torch.testing.assert_close(out.loss, ref, rtol=0, atol=1e-10)
@@ -189,7 +189,7 @@ def test_temperature_clamps_stored_value_and_keeps_gradient():
 
 def test_logs():
     q, d = embeddings()
-    out = InfoNCE(positives="multi", masker=MarginMasker(0.0))(q, d, clip_ids=torch.tensor(CLIP_IDS))
+    out = InfoNCE(positives="multi", masker=MarginMasker(0.0))(q, d, BatchInfo(clip_index=torch.tensor(CLIP_IDS)))
     expected = {"loss_q2d", "loss_d2q", "temperature", "sim_pos", "sim_neg", "sim_neg_max", "masked_fraction"}
     assert expected | {"extra_positives"} == set(out.logs)
     assert all(not v.requires_grad and v.ndim == 0 for v in out.logs.values())
@@ -242,7 +242,7 @@ def test_guide_masker_on_hand_built_matrix():
 
 def test_duplicate_masker_uses_clip_ids_and_texts():
     clip_ids, texts = torch.tensor([0, 1, 0, 2]), ["x", "y", "z", "y"]
-    structure = Structure.encode(4, torch.device("cpu"), clip_ids=clip_ids, texts=texts)
+    structure = Structure.encode(4, torch.device("cpu"), BatchInfo(clip_index=clip_ids, texts=texts))
     drop = DuplicateMasker()(hand_direction("q2d", torch.zeros(4, 4)), structure)
     assert pairs(drop) == {(0, 2), (2, 0), (1, 3), (3, 1)}
 
@@ -253,7 +253,7 @@ def test_maskers_compose_and_match_reference(directions):
     noise = torch.randn(B, B, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     guide = (q @ d.T).detach() + 0.05 * noise
     loss = InfoNCE(directions=directions, masker=[MarginMasker(0.05), GuideModelMasker(0.05)])
-    out = loss(q, d, guide_scores=guide)
+    out = loss(q, d, BatchInfo(guide_scores=guide))
     S = (q @ d.T).detach().tolist()
     margin = ref_margin_drops(S, 0.05, no_pairs(B))
     guided = ref_guide_drops(guide.tolist(), 0.05, no_pairs(B))
@@ -272,7 +272,7 @@ def test_maskers_never_drop_targets_or_extra_positives():
     q, d = embeddings()
     # A margin of -2 marks every candidate: only targets and positives must survive.
     loss = InfoNCE(positives="multi", masker=MarginMasker(-2.0))
-    out = loss(q, d, clip_ids=torch.tensor(CLIP_IDS))
+    out = loss(q, d, BatchInfo(clip_index=torch.tensor(CLIP_IDS)))
     P = ref_positives(B, CLIP_IDS)
     drops = {
         "q2d": [[c != a and not P[a][c] for c in range(B)] for a in range(B)],
@@ -285,9 +285,9 @@ def test_maskers_never_drop_targets_or_extra_positives():
 
 def test_duplicate_masker_equals_mask_mode():
     q, d = embeddings()
-    kwargs = dict(clip_ids=torch.tensor(CLIP_IDS), texts=TEXTS)
-    masked = InfoNCE(masker=DuplicateMasker())(q, d, **kwargs).loss
-    torch.testing.assert_close(masked, InfoNCE(positives="mask")(q, d, **kwargs).loss, rtol=0, atol=1e-12)
+    info = BatchInfo(clip_index=torch.tensor(CLIP_IDS), texts=TEXTS)
+    masked = InfoNCE(masker=DuplicateMasker())(q, d, info).loss
+    torch.testing.assert_close(masked, InfoNCE(positives="mask")(q, d, info).loss, rtol=0, atol=1e-12)
 
 
 # ---------- Matryoshka ----------
@@ -297,7 +297,7 @@ def test_matryoshka_is_weighted_sum_over_truncated_renormalised_embeddings():
     q, d = embeddings(dim=8)
     inner = InfoNCE(temperature=0.07, positives="multi")
     dims, weights = [8, 4, 2], [1.0, 0.5, 0.25]
-    out = Matryoshka(inner, dims, weights)(q, d, clip_ids=torch.tensor(CLIP_IDS))
+    out = Matryoshka(inner, dims, weights)(q, d, BatchInfo(clip_index=torch.tensor(CLIP_IDS)))
     P = ref_positives(B, CLIP_IDS)
     ref = sum(
         w * ref_infonce(F.normalize(q[:, :k], dim=-1), F.normalize(d[:, :k], dim=-1), stored_scale(inner), "multi", P)
@@ -330,8 +330,8 @@ def _bad_calls():
         ((q.long(), d.long()), {}, "floating"),
         ((q, d), {"positive_mask": torch.ones(B, B)}, "positive_mask"),
         ((q, d), {"positive_mask": torch.ones(B, B - 1, dtype=torch.bool)}, "positive_mask"),
-        ((q, d), {"clip_ids": torch.zeros(B)}, "clip_ids"),
-        ((q, d), {"clip_ids": torch.zeros(B + 1, dtype=torch.long)}, "clip_ids"),
+        ((q, d), {"clip_index": torch.zeros(B)}, "clip_index"),
+        ((q, d), {"clip_index": torch.zeros(B + 1, dtype=torch.long)}, "clip_index"),
         ((q, d), {"texts": ["a"] * (B - 1)}, "texts"),
         ((q, d), {"texts": [1] * B}, r"texts\[0\]"),
         ((q, d), {"tag_clusters": [[1]] * B}, r"tag_clusters\[0\]"),
@@ -346,22 +346,22 @@ def _bad_calls():
 def test_bad_inputs_name_the_argument(args, kwargs, message):
     for loss in (InfoNCE(), HybridNCE(), Matryoshka(InfoNCE(), [2])):
         with pytest.raises((ValueError, TypeError), match=message):
-            loss(*args, **kwargs)
+            loss(*args, BatchInfo(**kwargs))
 
 
 @pytest.mark.parametrize(
     "loss, kwargs, message",
     [
-        (InfoNCE(masker=DuplicateMasker()), {}, "clip_ids"),
-        (InfoNCE(masker=GuideModelMasker()), {"clip_ids": torch.arange(B)}, "guide_scores"),
-        (InfoNCE(positives="multi"), {}, "clip_ids"),
+        (InfoNCE(masker=DuplicateMasker()), {}, "clip_index"),
+        (InfoNCE(masker=GuideModelMasker()), {"clip_index": torch.arange(B)}, "guide_scores"),
+        (InfoNCE(positives="multi"), {}, "clip_index"),
         (HybridNCE(), {"tag_clusters": [frozenset()] * B}, "caption_kinds"),
     ],
 )
 def test_missing_structure_is_named(loss, kwargs, message):
     q, d = embeddings()
     with pytest.raises(ValueError, match=message):
-        loss(q, d, **kwargs)
+        loss(q, d, BatchInfo(**kwargs))
 
 
 @pytest.mark.parametrize(

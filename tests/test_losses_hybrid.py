@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from losses import HybridNCE, InfoNCE, MarginMasker, TagClusterMap
-from losses.structure import Structure
+from losses.structure import BatchInfo, Structure
 
 B, D = 8, 5
 TAGS = [{1, 2}, {3}, {1, 2}, set(), {1, 2}, {3}, {4}, {3}]
@@ -24,9 +24,9 @@ def embeddings(seed=0):
 
 
 def structure(**overrides):
-    kwargs = dict(tag_clusters=[frozenset(t) for t in TAGS], caption_kinds=KINDS, clip_ids=torch.tensor(CLIP_IDS))
+    kwargs = dict(tag_clusters=[frozenset(t) for t in TAGS], caption_kinds=KINDS, clip_index=torch.tensor(CLIP_IDS))
     kwargs.update(overrides)
-    return kwargs
+    return BatchInfo(**kwargs)
 
 
 def ref_positives(only_for_tags=True, tags=TAGS, kinds=KINDS, clip_ids=CLIP_IDS):
@@ -120,7 +120,7 @@ def test_hybrid_matches_reference(alpha, beta, lam, detach, directions, only_for
         directions=directions,
         positives_only_for_tags=only_for_tags,
     )
-    out = loss(q, d, **structure())
+    out = loss(q, d, structure())
     P = ref_positives(only_for_tags)
     ref = ref_hybrid(q, d, stored_scale(loss), alpha, beta, lam, P, directions, detach=detach)
     assert_matches(out, ref, q, d)
@@ -129,7 +129,7 @@ def test_hybrid_matches_reference(alpha, beta, lam, detach, directions, only_for
 def test_hybrid_with_margin_masker_matches_reference():
     q, d = embeddings(seed=2)
     loss = HybridNCE(alpha=0.5, beta=0.3, lam=0.5, masker=MarginMasker(0.02))
-    out = loss(q, d, **structure())
+    out = loss(q, d, structure())
     P = ref_positives()
     S = (q @ d.T).detach()
     drops = {
@@ -144,7 +144,7 @@ def test_hybrid_float32_matches_float64_reference():
     q, d = embeddings()
     q32, d32 = q.detach().float().requires_grad_(), d.detach().float().requires_grad_()
     loss = HybridNCE(temperature=0.05, alpha=0.5, beta=0.5, lam=0.5)
-    out = loss(q32, d32, **structure())
+    out = loss(q32, d32, structure())
     ref = ref_hybrid(q, d, stored_scale(loss), 0.5, 0.5, 0.5, ref_positives())
     torch.testing.assert_close(out.loss.double(), ref, rtol=0, atol=1e-5)
     for got, want in zip(grads(out.loss, q32, d32), grads(ref, q, d)):
@@ -159,26 +159,25 @@ def test_reduces_to_infonce():
     tag_mask = torch.tensor(ref_positives(clip_ids=None))
     assert tag_mask.any()
     for lam, mode in ((0.0, "mask"), (1.0, "multi")):
-        hybrid = HybridNCE(alpha=1.0, beta=0.0, lam=lam)(q, d, **structure(clip_ids=None)).loss
-        infonce = InfoNCE(positives=mode)(q, d, positive_mask=tag_mask).loss
+        hybrid = HybridNCE(alpha=1.0, beta=0.0, lam=lam)(q, d, structure(clip_index=None)).loss
+        infonce = InfoNCE(positives=mode)(q, d, BatchInfo(positive_mask=tag_mask)).loss
         torch.testing.assert_close(hybrid, infonce, rtol=0, atol=1e-12)
 
 
 def test_d2q_normalises_over_columns():
     q, d = embeddings(seed=4)
-    kwargs = structure()
+    info = structure()
     loss = HybridNCE(alpha=0.5, beta=0.3, lam=0.5, directions="d2q")
-    out = loss(q, d, **kwargs).loss
+    out = loss(q, d, info).loss
     # Document→query on (q, d) is query→document on (d, q): the columns become rows.
-    swapped = HybridNCE(alpha=0.5, beta=0.3, lam=0.5, directions="q2d")(d, q, **kwargs).loss
+    swapped = HybridNCE(alpha=0.5, beta=0.3, lam=0.5, directions="q2d")(d, q, info).loss
     torch.testing.assert_close(out, swapped, rtol=0, atol=1e-12)
     aurola = ref_hybrid(q, d, stored_scale(loss), 0.5, 0.3, 0.5, ref_positives(), "d2q", t2a_rows=True)
     assert abs(out.item() - aurola.item()) > 1e-3
 
 
 def test_tag_positives_only_for_tag_captions():
-    kwargs = structure(clip_ids=None)
-    encoded = Structure.encode(B, torch.device("cpu"), **kwargs)
+    encoded = Structure.encode(B, torch.device("cpu"), structure(clip_index=None))
     for only in (True, False):
         got = HybridNCE(positives_only_for_tags=only).extra_positives(encoded)
         got &= ~torch.eye(B, dtype=torch.bool)
@@ -190,10 +189,10 @@ def test_tag_positives_only_for_tag_captions():
 
 def test_rows_without_negatives():
     q, d = embeddings()
-    same = dict(clip_ids=torch.zeros(B, dtype=torch.long))
+    same = BatchInfo(clip_index=torch.zeros(B, dtype=torch.long))
     for alpha in (0.0, 0.5):
         loss = HybridNCE(alpha=alpha, beta=0.5)
-        out = loss(q, d, **same)
+        out = loss(q, d, same)
         expected = 0.0 if alpha == 0 else math.log(alpha)
         assert out.loss.item() == pytest.approx(expected)
         assert all(torch.isfinite(g).all() for g in grads(out.loss, q, d))

@@ -37,7 +37,7 @@ from lightning_modules.backbones.midashenglm import (
     audio_token_count,
     build_tiny_tokenizer,
 )
-from lightning_modules.inputs import EmbedInput
+from datamodules.inputs import EmbedInput
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "midashenglm_7b_official.json").read_text())
 SR = 16000

@@ -20,7 +20,7 @@ from lightning_modules import (
     MiDashengLMBackbone,
     QwenOmniThinker,
 )
-from lightning_modules.inputs import EmbedInput
+from datamodules.inputs import EmbedInput
 from lightning_modules.module import warmup_cosine
 from lightning_modules.weights import trainable_state_dict
 from losses import GuideModelMasker, InfoNCE

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from dist_scripts.train_tiny import examples
 from lightning_modules import EmbeddingModule, EmbTokenPooler, LinearHead, LoraSettings, QwenOmniThinker
-from lightning_modules.inputs import EmbedInput
+from datamodules.inputs import EmbedInput
 from losses import InfoNCE
 
 POISONED = 1  # index of the batch with a NaN waveform

@@ -17,7 +17,7 @@ from lightning_modules.backbones.qwen_omni import (
     audio_token_count,
     tiny_components,
 )
-from lightning_modules.inputs import EmbedInput
+from datamodules.inputs import EmbedInput
 from lightning_modules.poolers import EmbTokenPooler
 
 RATE = 16000

@@ -28,7 +28,7 @@ from dist_scripts.resume_run import (
     run,
     wait_until_waiting,
 )
-from lightning_modules.rng import capture_rng_state, restore_rng_state
+from callbacks.rng_state import capture_rng_state, restore_rng_state
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from datamodules import (
     read_manifest,
 )
 from datamodules.synthetic import EVENT_TYPES, SAMPLING_RATE
-from lightning_modules.inputs import EmbedInput
+from datamodules.inputs import EmbedInput
 
 SIZES = {"num_train": 40, "num_val": 10, "num_test": 30}
 
@@ -258,6 +258,8 @@ def test_trainer_sets_the_epoch_through_the_sampler(synthetic):
         dm = RetrievalDataModule(train_manifest=synthetic["train"], batch_size=8, num_workers=num_workers)
         trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False)  # fmt: skip
+        dm.bind(module.backbone.sampling_rate, module.collate)
+        dm.bind(module.backbone.sampling_rate, module.collate)
         trainer.fit(module, dm)
         return module.seen
 

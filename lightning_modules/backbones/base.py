@@ -10,9 +10,7 @@ import torch
 from torch import nn
 
 from lightning_modules.init_args import RecordsInitArgs
-from lightning_modules.inputs import EmbedInput
-
-Collator = Callable[[list[EmbedInput]], dict[str, torch.Tensor]]
+from datamodules.inputs import Collator
 
 
 @dataclass

@@ -46,7 +46,7 @@ from lightning_modules.adapters import LoraSettings, add_lora, local_device, qua
 from lightning_modules.backbones.base import Backbone, BackboneOutput
 from lightning_modules.backbones.offline_tokenizer import build_offline_tokenizer
 from lightning_modules.backbones.dasheng import DashengConfig, DashengEncoder, num_encoder_patches
-from lightning_modules.inputs import EmbedInput
+from datamodules.inputs import EmbedInput
 
 log = logging.getLogger(__name__)
 

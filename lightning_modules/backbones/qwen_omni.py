@@ -20,7 +20,7 @@ from transformers import (
 from lightning_modules.adapters import LoraSettings, add_lora, freeze, local_device, quantize_linear_4bit
 from lightning_modules.backbones.base import Backbone, BackboneOutput
 from lightning_modules.backbones.offline_tokenizer import build_offline_tokenizer
-from lightning_modules.inputs import EmbedInput
+from datamodules.inputs import EmbedInput
 
 AUDIO_TOKEN = "<|AUDIO|>"
 AUDIO_BOS = "<|audio_bos|>"

@@ -18,7 +18,7 @@ from datamodules.audio import AudioPolicy, load_audio
 from lightning_modules.backbones.base import Backbone
 from lightning_modules.tools.export import export_model, find_temperature, load_components
 from lightning_modules.heads import Head, IdentityHead
-from lightning_modules.inputs import EmbedInput
+from datamodules.inputs import EmbedInput
 from lightning_modules.module import EmbeddingModule
 from lightning_modules.poolers import Pooler
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from callbacks import TrainableWeightsExport  # noqa: E402
 from lightning_modules import EmbeddingModule, EmbTokenPooler, LinearHead, QwenOmniThinker  # noqa: E402
 from lightning_modules.adapters import LoraSettings  # noqa: E402
-from lightning_modules.inputs import EmbedInput  # noqa: E402
+from datamodules.inputs import EmbedInput  # noqa: E402
 from lightning_modules.strategies import FSDP2Strategy  # noqa: E402
 from lightning_modules.weights import trainable_state_dict  # noqa: E402
 from losses import InfoNCE  # noqa: E402

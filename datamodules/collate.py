@@ -7,8 +7,7 @@ from typing import Any
 import torch
 
 from datamodules.bad_samples import SkippedSample, count_reasons
-from lightning_modules.backbones.base import Collator
-from lightning_modules.inputs import EmbedInput
+from datamodules.inputs import Collator, EmbedInput
 
 # Documents of one clip get keys clip_index * MAX_DOCS_PER_CLIP + j, unique across the dataset.
 MAX_DOCS_PER_CLIP = 1000

@@ -1,10 +1,15 @@
-"""What one side of a retrieval pair looks like before the backbone's collator sees it."""
+"""What one side of a retrieval pair looks like before the backbone's collator sees it.
+
+Shared by the data and the model side, so it lives with the data (imports run model → data).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
 @dataclass
@@ -34,3 +39,8 @@ class EmbedInput:
         if self.audio is not None and self.text is not None:
             return "audio_text"
         return "audio" if self.audio is not None else "text"
+
+
+#: A backbone's input builder: a picklable callable from a list of inputs to model tensors (it runs
+#: in data-loader workers).
+Collator = Callable[[list[EmbedInput]], dict[str, torch.Tensor]]
