@@ -21,7 +21,15 @@ import callbacks  # noqa: F401
 import datamodules  # noqa: F401
 import lightning_modules  # noqa: F401
 import losses  # noqa: F401
-from callbacks import EmbeddingProjector, EmbeddingWriter, HyperparameterSummary, RetrievalReport, SkippedSampleReport
+from callbacks import (
+    EmbeddingProjector,
+    EmbeddingWriter,
+    HyperparameterSummary,
+    NonFiniteGuard,
+    RetrievalReport,
+    RngStateCheckpoint,
+    SkippedSampleReport,
+)
 from callbacks.output_dirs import check_output_dirs
 from callbacks.preemption import PreemptionCheckpoint
 from datamodules import RetrievalDataModule
@@ -30,7 +38,8 @@ from lightning_modules.tools import TOOLS, tools_help
 
 
 class EmbeddingCLI(LightningCLI):
-    """LightningCLI with the project's always-on callbacks (checkpoints, preemption, reports), a check
+    """LightningCLI with the project's always-on callbacks (checkpoints, preemption, non-finite guard,
+    RNG state in checkpoints, reports), the model's rate and collator bound to the data module, a check
     of the output folders before ``fit`` and an optional test after it."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -49,6 +58,8 @@ class EmbeddingCLI(LightningCLI):
         parser.add_lightning_class_args(HyperparameterSummary, "hparams")
         parser.add_lightning_class_args(SkippedSampleReport, "skipped_report")
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+        parser.add_lightning_class_args(RngStateCheckpoint, "rng_state")
         parser.add_argument(
             "--test_after_fit",
             type=bool,

@@ -49,9 +49,10 @@ def step(batch: int, chunk: int | None, width: int, seconds: float) -> dict:
     before = rss_mb()
     if chunk is None:
         query, document = module.embed_batch(collated)
-        module.loss(query, document, **module.loss_structure(collated)).loss.backward()
+        module.loss(query, document, collated["info"]).loss.backward()
     else:
-        module.grad_cache_backward(collated, lambda tensor, sync: tensor.backward())
+        sides = [(collated["query"], "audio"), (collated["document"], "text")]
+        module.grad_cache.backward(module.embed, sides, lambda emb: module.loss(*emb, collated["info"]))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"peak_mb": peak, "step_growth_mb": peak - before}
 

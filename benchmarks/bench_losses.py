@@ -27,7 +27,7 @@ def losses_to_compare(dim: int) -> dict[str, torch.nn.Module]:
         "InfoNCE mask": InfoNCE(positives="mask"),
         "HybridNCE": HybridNCE(alpha=0.5, beta=0.1, lam=1.0),
         "InfoNCE + MarginMasker": InfoNCE(masker=MarginMasker(0.1)),
-        "Matryoshka(InfoNCE)": Matryoshka(InfoNCE(), [d for d in (dim, 512, 256, 128, 64) if d <= dim]),
+        "Matryoshka(InfoNCE)": Matryoshka(InfoNCE(), sorted({d for d in (dim, 512, 256, 128, 64) if d <= dim}, reverse=True)),
     }
 
 

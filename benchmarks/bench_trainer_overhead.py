@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from datamodules import RetrievalDataModule, make_synthetic_dataset
 from lightning_modules import EmbeddingModule, EmbTokenPooler, IdentityHead, PromptTemplates, QwenOmniThinker
-from lightning_modules.module import warmup_cosine
+from lightning_modules.finetune import warmup_cosine
 from losses import InfoNCE
 
 
@@ -117,7 +117,7 @@ def run_plain(module: EmbeddingModule, batches: list[dict], total: int, warmup: 
     start = 0.0
     for step, batch in enumerate(make_loader(batches, total)):
         query, document = module.embed_batch(batch)
-        module.loss(query, document, **module.loss_structure(batch)).loss.backward()
+        module.loss(query, document, batch["info"]).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         scheduler.step()

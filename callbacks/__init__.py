@@ -2,9 +2,11 @@
 
 from callbacks.hparams import HyperparameterSummary
 from callbacks.prediction_writer import EmbeddingWriter
+from callbacks.nonfinite import NonFiniteGuard
 from callbacks.preemption import PreemptionCheckpoint
 from callbacks.projector import EmbeddingProjector
 from callbacks.report import RetrievalReport
+from callbacks.rng_state import RngStateCheckpoint
 from callbacks.skipped_samples import SkippedSampleReport
 from callbacks.trainable_weights import TrainableWeightsExport
 
@@ -12,8 +14,10 @@ __all__ = [
     "EmbeddingProjector",
     "EmbeddingWriter",
     "HyperparameterSummary",
+    "NonFiniteGuard",
     "PreemptionCheckpoint",
     "RetrievalReport",
+    "RngStateCheckpoint",
     "SkippedSampleReport",
     "TrainableWeightsExport",
 ]

@@ -8,6 +8,8 @@ import torch
 
 from datamodules.bad_samples import SkippedSample, count_reasons
 from datamodules.inputs import Collator, EmbedInput
+from losses.structure import BatchInfo
+from losses.tag_clusters import TagClusterMap
 
 # Documents of one clip get keys clip_index * MAX_DOCS_PER_CLIP + j, unique across the dataset.
 MAX_DOCS_PER_CLIP = 1000
@@ -26,17 +28,26 @@ class PairCollator:
     An example is a dict with ``query`` (an :class:`EmbedInput`), ``documents`` (a list of them: one
     sampled caption when training, all captions when evaluating), ``clip_index`` and optional
     metadata (``clip_id``, ``caption_kind``, ``tags``). The batch holds the backbone inputs of both
-    sides, their modalities, the clip index of every query and document, and unique document keys.
+    sides, their modalities, the clip index of every query and document, unique document keys, the
+    clips' string ``clip_ids`` (for messages), the document ``texts``, and ``info``, the
+    :class:`~losses.structure.BatchInfo` the loss receives (clip indices, texts, caption kinds and
+    tag clusters, mapped through ``tag_clusters``).
 
     Examples a dataset skipped (:class:`~datamodules.bad_samples.SkippedSample` markers, under the
     ``skip`` bad-sample policy) are dropped, never replaced, and counted in ``batch["skipped"]``
     (``{reason: count}``, empty when none). When every example of a batch was skipped, the batch is
     ``{"empty": True, "skipped": {...}}`` only; :class:`EmbeddingModule` steps return at once for it
     (no loss, no optimiser step, nothing embedded).
+
+    Args:
+        backbone_collator: the backbone's input builder.
+        tag_clusters: groups synonymous tags into clusters for the loss's tag positives; ``None``:
+            every tag is its own cluster.
     """
 
-    def __init__(self, backbone_collator: Collator):
+    def __init__(self, backbone_collator: Collator, tag_clusters: TagClusterMap | None = None):
         self.backbone_collator = backbone_collator
+        self.tag_clusters = tag_clusters if tag_clusters is not None else TagClusterMap({})
 
     def __call__(self, examples: list[dict[str, Any] | SkippedSample]) -> dict[str, Any]:
         skipped = dict(count_reasons(ex for ex in examples if isinstance(ex, SkippedSample)))
@@ -52,20 +63,28 @@ class PairCollator:
                 documents.append(doc)
                 document_index.append(ex["clip_index"])
                 document_key.append(ex["clip_index"] * MAX_DOCS_PER_CLIP + j)
+        query_index = torch.tensor([ex["clip_index"] for ex in examples], dtype=torch.long)
+        texts = [doc.text for doc in documents]
+        caption_kinds = [ex.get("caption_kind", "caption") for ex in examples]
         batch = {
             "query": self.backbone_collator(queries),
             "document": self.backbone_collator(documents),
             "query_modality": side_modality(queries),
             "document_modality": side_modality(documents),
-            "query_index": torch.tensor([ex["clip_index"] for ex in examples], dtype=torch.long),
+            "query_index": query_index,
             "document_index": torch.tensor(document_index, dtype=torch.long),
             "document_key": torch.tensor(document_key, dtype=torch.long),
-            "texts": [doc.text for doc in documents],
+            "texts": texts,
             "clip_ids": [ex.get("clip_id", str(ex["clip_index"])) for ex in examples],
-            "caption_kinds": [ex.get("caption_kind", "caption") for ex in examples],
-            "tags": [ex.get("tags", []) for ex in examples],
             "skipped": skipped,
         }
+        if len(documents) == len(examples):  # training: one document per query, the loss's pairs
+            batch["info"] = BatchInfo(
+                clip_index=query_index,
+                texts=texts,
+                caption_kinds=caption_kinds,
+                tag_clusters=[self.tag_clusters.clusters_for(ex.get("tags", [])) for ex in examples],
+            )
         if "answer_slot" in examples[0]:  # QA by retrieval: the document key of each query's answer
             batch["answer_key"] = torch.tensor(
                 [ex["clip_index"] * MAX_DOCS_PER_CLIP + ex["answer_slot"] for ex in examples], dtype=torch.long

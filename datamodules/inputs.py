@@ -12,6 +12,11 @@ import numpy as np
 import torch
 
 
+#: where an input's audio goes inside its text, for prompts that put text before the audio (the
+#: re-ranker's "Query: ... Candidate: <audio>"); without it, a backbone puts the audio first.
+AUDIO_SLOT = "<audio>"
+
+
 @dataclass
 class EmbedInput:
     """One thing to embed: text, audio, or both, with an optional instruction.

@@ -1,4 +1,4 @@
-"""FSDP2 (``FSDP2Strategy`` + ``EmbeddingModule.configure_model``) on 2 gloo processes.
+"""FSDP2 (``FSDP2Strategy``, which shards the module itself) on 2 gloo processes.
 
 The runs come from ``tests/dist_scripts/train_tiny.py`` (see tests/test_ddp.py for the setup):
 parameters are sharded DTensors, training gives DDP's losses, gradients and weights, a distributed

@@ -21,7 +21,7 @@ from lightning_modules import (
     QwenOmniThinker,
 )
 from datamodules.inputs import EmbedInput
-from lightning_modules.module import warmup_cosine
+from lightning_modules.finetune import warmup_cosine
 from lightning_modules.weights import trainable_state_dict
 from losses import GuideModelMasker, InfoNCE
 from main import EmbeddingCLI
@@ -55,11 +55,11 @@ def test_guide_scores_reach_the_masker():
                              loss=InfoNCE(masker=GuideModelMasker(margin=0.1)), guide=BagOfWordsGuide())
     captions = ["a low hum then two clicks", "two clicks then a low hum", "a siren", "a rising chirp"]
     batch = batch_of(module, captions)
-    structure = module.loss_structure(batch)
-    guide = structure["guide_scores"]
+    info = module.batch_info(batch)
+    guide = info.guide_scores
     # same bag of words -> similarity 1: the two permuted captions are each other's false negatives
     assert guide[0, 1] == pytest.approx(1.0) and guide[0, 2] < 0.5
-    out = module.loss(*module.embed_batch(batch), **structure)
+    out = module.loss(*module.embed_batch(batch), info)
     # rows 0 and 1 drop one candidate each, in both directions: 2 of 12 off-diagonal entries
     assert out.logs["masked_fraction"] == pytest.approx(2 / 12)
 
@@ -69,7 +69,7 @@ def test_tag_clusters_from_file(tmp_path):
     path.write_text('{"dog": {"cluster_index": 3}, "barking": {"cluster_index": 3}, "sound": {"cluster_index": null}}')
     module = EmbeddingModule(QwenOmniThinker(tiny=True), EmbTokenPooler(), tag_cluster_file=str(path))
     batch = batch_of(module, ["dog", "barking", "cat"], tags=[["dog"], ["barking", "sound"], ["cat"]])
-    clusters = module.loss_structure(batch)["tag_clusters"]
+    clusters = module.batch_info(batch).tag_clusters
     assert clusters[0] == clusters[1] == frozenset({3}) and clusters[2] != clusters[0]
 
 

@@ -1,4 +1,4 @@
-"""The non-finite guard (``EmbeddingModule(nonfinite=...)``): a batch with NaN in a waveform skips its
+"""The non-finite guard (the ``NonFiniteGuard`` callback, ``--nonfinite.mode``): a batch with NaN in a waveform skips its
 optimiser step without changing the weights or AdamW's state and is counted, or stops training with
 an error naming its clips; on both optimisation paths (automatic, GradCache's manual one)."""
 
@@ -8,6 +8,7 @@ import torch
 from lightning import Callback, Trainer
 from torch.utils.data import DataLoader
 
+from callbacks import NonFiniteGuard
 from dist_scripts.train_tiny import examples
 from lightning_modules import EmbeddingModule, EmbTokenPooler, LinearHead, LoraSettings, QwenOmniThinker
 from datamodules.inputs import EmbedInput
@@ -16,11 +17,11 @@ from losses import InfoNCE
 POISONED = 1  # index of the batch with a NaN waveform
 
 
-def make_module(grad_cache: int | None, nonfinite: str) -> EmbeddingModule:
+def make_module(grad_cache: int | None) -> EmbeddingModule:
     torch.manual_seed(0)
     backbone = QwenOmniThinker(tiny=True, lora=LoraSettings(r=4, dropout=0.0))
     return EmbeddingModule(backbone, EmbTokenPooler(), LinearHead(16), InfoNCE(learnable_temperature=True),
-                           learning_rate=1e-3, grad_cache_chunk_size=grad_cache, nonfinite=nonfinite)
+                           learning_rate=1e-3, grad_cache_chunk_size=grad_cache)
 
 
 def batches(module: EmbeddingModule) -> list[dict]:
@@ -63,21 +64,21 @@ class Snapshots(Callback):
         self.after[batch_idx] = snapshot(pl_module, trainer.optimizers[0])
 
 
-def fit(module: EmbeddingModule, tmp_path, callbacks=()) -> Trainer:
+def fit(module: EmbeddingModule, tmp_path, guard: NonFiniteGuard, callbacks=()) -> Trainer:
     trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                      callbacks=list(callbacks))
+                      callbacks=[guard, *callbacks])
     trainer.fit(module, train_dataloaders=DataLoader(batches(module), batch_size=None))
     return trainer
 
 
 @pytest.mark.parametrize("grad_cache", [None, 1], ids=["automatic", "grad_cache"])
 def test_poisoned_batch_skips_its_step_and_is_counted(tmp_path, caplog, grad_cache):
-    module = make_module(grad_cache, "skip")
+    module, guard = make_module(grad_cache), NonFiniteGuard("skip")
     snapshots = Snapshots()
-    trainer = fit(module, tmp_path, [snapshots])
+    trainer = fit(module, tmp_path, guard, [snapshots])
     assert trainer.global_step == 3  # the skipped step counts, as Lightning counts it
-    assert module.nonfinite_skipped == 1
+    assert guard.skipped == 1
     assert trainer.callback_metrics["train/nonfinite_skipped"] == 1
     assert same(snapshots.before[POISONED], snapshots.after[POISONED])  # weights, moments, AdamW step
     for batch_idx in (0, 2):
@@ -88,18 +89,18 @@ def test_poisoned_batch_skips_its_step_and_is_counted(tmp_path, caplog, grad_cac
 
 @pytest.mark.parametrize("grad_cache", [None, 1], ids=["automatic", "grad_cache"])
 def test_error_mode_names_the_batch_clips(tmp_path, grad_cache):
-    module = make_module(grad_cache, "error")
+    module = make_module(grad_cache)
     snapshots = Snapshots()
     message = r"non-finite loss and gradients at global step 1 .*: \['clip02', 'clip03'\]"
     with pytest.raises(FloatingPointError, match=message):
-        fit(module, tmp_path, [snapshots])
+        fit(module, tmp_path, NonFiniteGuard("error"), [snapshots])
     assert same(snapshots.before[POISONED], snapshot(module, module.trainer.optimizers[0]))
 
 
 def test_every_process_takes_the_same_decision(tmp_path, monkeypatch):
     """When another process reports a non-finite value (the reduction says "not all finite"), this
     process skips its step too, although its own batch is clean."""
-    module = make_module(None, "skip")
+    module, guard = make_module(None), NonFiniteGuard("skip")
     decisions = []
 
     def reduce_boolean_decision(decision: bool, all: bool = True) -> bool:  # noqa: A002 - Lightning's name
@@ -109,14 +110,24 @@ def test_every_process_takes_the_same_decision(tmp_path, monkeypatch):
     snapshots = Snapshots()
     trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                      callbacks=[snapshots])
+                      callbacks=[guard, snapshots])
     monkeypatch.setattr(trainer.strategy, "reduce_boolean_decision", reduce_boolean_decision)
     trainer.fit(module, train_dataloaders=DataLoader(batches(module)[:1], batch_size=None))
     assert decisions == [(True, True)]
-    assert module.nonfinite_skipped == 1
+    assert guard.skipped == 1
     assert same(snapshots.before[0], snapshots.after[0])
 
 
 def test_nonfinite_setting_is_checked():
     with pytest.raises(ValueError, match="nonfinite"):
-        make_module(None, "ignore")
+        NonFiniteGuard("ignore")
+
+
+def test_skip_count_is_kept_in_checkpoints(tmp_path):
+    module, guard = make_module(None), NonFiniteGuard("skip")
+    trainer = fit(module, tmp_path, guard)
+    trainer.save_checkpoint(tmp_path / "skipped.ckpt")
+    checkpoint = torch.load(tmp_path / "skipped.ckpt", weights_only=True)
+    restored = NonFiniteGuard()
+    restored.load_state_dict(checkpoint["callbacks"][guard.state_key])
+    assert restored.skipped == 1

@@ -90,7 +90,7 @@ def test_qlora_loss_decreases_and_base_stays_frozen():
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(8):
-        out = model.loss(*model.embed_batch(batch), **model.loss_structure(batch))
+        out = model.loss(*model.embed_batch(batch), model.batch_info(batch))
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -42,11 +42,11 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
     Qwen2_5OmniThinkerTextModel,
 )
 
-from lightning_modules.adapters import LoraSettings, add_lora, local_device, quantize_linear_4bit
+from datamodules.inputs import AUDIO_SLOT, EmbedInput
+from lightning_modules.adapters import LoraSettings
 from lightning_modules.backbones.base import Backbone, BackboneOutput
-from lightning_modules.backbones.offline_tokenizer import build_offline_tokenizer
 from lightning_modules.backbones.dasheng import DashengConfig, DashengEncoder, num_encoder_patches
-from datamodules.inputs import EmbedInput
+from lightning_modules.backbones.offline_tokenizer import build_offline_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -399,13 +399,24 @@ def build_tiny_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
 
 
 def format_prompt(
-    instruction: str | None, text: str | None, num_audio_tokens: int, system_prompt: str | None
+    instruction: str | None,
+    text: str | None,
+    num_audio_tokens: int,
+    system_prompt: str | None,
+    generation_prompt: bool = False,
 ) -> str:
-    """The chat-formatted prompt of one input; it ends with ``<|im_end|>`` (see the module docstring)."""
+    """The chat-formatted prompt of one input; it ends with ``<|im_end|>`` (see the module docstring),
+    or with ``generation_prompt`` after the opening of the assistant turn, the audio then going to the
+    text's :data:`~datamodules.inputs.AUDIO_SLOT` if it has one."""
     audio = AUDIO_BOS + AUDIO_TOKEN * num_audio_tokens + AUDIO_EOS if num_audio_tokens else None
+    if generation_prompt and text is not None and AUDIO_SLOT in text:
+        if audio is None:
+            raise ValueError(f"an input without audio has an audio slot {AUDIO_SLOT!r} in its text")
+        text, audio = text.replace(AUDIO_SLOT, audio, 1), None
     content = "\n".join(part for part in (instruction, audio, text) if part)
     system = f"{IM_START}system\n{system_prompt}{IM_END}\n" if system_prompt else ""
-    return f"{system}{IM_START}user\n{content}{IM_END}"
+    prompt = f"{system}{IM_START}user\n{content}{IM_END}"
+    return f"{prompt}\n{IM_START}assistant\n" if generation_prompt else prompt
 
 
 @dataclass
@@ -420,11 +431,14 @@ class MiDashengLMCollator:
         tokenizer: the checkpoint's tokenizer (it must know the prompt's special tokens).
         config: the model config (audio token arithmetic).
         system_prompt: text of the system turn, or ``None`` for no system turn.
+        generation_prompt: end each prompt where the assistant's answer begins (see
+            :meth:`~lightning_modules.backbones.base.Backbone.collator`).
     """
 
     tokenizer: PreTrainedTokenizerBase
     config: MiDashengLMConfig
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    generation_prompt: bool = False
 
     def __call__(self, items: list[EmbedInput]) -> dict[str, torch.Tensor]:
         prompts, clips = [], []
@@ -436,7 +450,9 @@ class MiDashengLMCollator:
                     clip = np.pad(clip, (0, MIN_AUDIO_SAMPLES - clip.shape[0]))
                 clips.append(clip)
                 num_audio_tokens = audio_token_count(clip.shape[0], self.config)
-            prompts.append(format_prompt(item.instruction, item.text, num_audio_tokens, self.system_prompt))
+            prompts.append(
+                format_prompt(item.instruction, item.text, num_audio_tokens, self.system_prompt, self.generation_prompt)
+            )
         encoded = self.tokenizer(
             prompts, add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt"
         )
@@ -449,13 +465,6 @@ class MiDashengLMCollator:
             batch["audio"] = torch.from_numpy(audio)
             batch["audio_lengths"] = torch.tensor(lengths, dtype=torch.long)
         return batch
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}; use e.g. 'float32' or 'bfloat16'")
-    return dtype
 
 
 def _checkpoint_directory(name_or_path: str) -> Path:
@@ -509,16 +518,14 @@ class MiDashengLMBackbone(Backbone):
         lora: LoraSettings | None = None,
         gradient_checkpointing: bool = False,
     ) -> None:
-        super().__init__()
-        if tiny == (name_or_path is not None):
-            raise ValueError("give either name_or_path or tiny=True, not both or neither")
+        super().__init__(name_or_path, tiny, dtype)
         if tiny and trust_remote_code:
             raise ValueError("trust_remote_code needs a real checkpoint (name_or_path)")
-        torch_dtype = _torch_dtype(dtype)
+        torch_dtype = self.param_dtype
         if tiny:
             self.config = MiDashengLMConfig.tiny()
             self.model = MiDashengLM(self.config, attn_implementation).to(torch_dtype)
-            self.tokenizer = build_tiny_tokenizer(self.config.text_config.vocab_size)
+            self._tokenizer = build_tiny_tokenizer(self.config.text_config.vocab_size)
         elif trust_remote_code:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -527,34 +534,21 @@ class MiDashengLMBackbone(Backbone):
                 name_or_path, trust_remote_code=True, dtype=torch_dtype, attn_implementation=attn_implementation
             )
             self.config = MiDashengLMConfig.from_dict(self.model.config.to_dict())
-            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            self._tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         else:
             from transformers import AutoTokenizer
 
             directory = _checkpoint_directory(name_or_path)
             self.model = MiDashengLM.from_pretrained(directory, torch_dtype, attn_implementation)
             self.config = self.model.config
-            self.tokenizer = AutoTokenizer.from_pretrained(directory)
+            self._tokenizer = AutoTokenizer.from_pretrained(directory)
         self._check_tokenizer()
         if self.config.audio_encoder_config.sample_rate != self.sampling_rate:
             raise ValueError(f"expected a {self.sampling_rate} Hz audio encoder")
         self.hidden_size = self.config.text_config.hidden_size
         self.system_prompt = system_prompt
         self.freeze_audio_encoder = freeze_audio_encoder
-        if freeze_audio_encoder:
-            for name in ("model.audio_encoder", "model.audio_projector"):
-                self.get_submodule(name).requires_grad_(False)
-                self.frozen_in_eval.append(name)
-            self.train(self.training)
-        # Embeddings never reach the LM head; a trainable parameter without gradients would only
-        # waste optimizer state and break DDP's reducer.
-        self.model.decoder.lm_head.requires_grad_(False)
-        if gradient_checkpointing:
-            self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if lora is not None:
-            if lora.quantize_4bit:
-                quantize_linear_4bit(self.language_model, lora, None if tiny else local_device())
-            add_lora(self.language_model, lora)
+        self.setup_training(lora, freeze_audio_encoder, gradient_checkpointing)
 
     def _check_tokenizer(self) -> None:
         audio_id = self.tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
@@ -575,8 +569,24 @@ class MiDashengLMBackbone(Backbone):
         """The Dasheng encoder."""
         return self.model.audio_encoder
 
-    def collator(self) -> MiDashengLMCollator:
-        return MiDashengLMCollator(self.tokenizer, self.config, self.system_prompt)
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self._tokenizer
+
+    @property
+    def output_head(self) -> nn.Module:
+        """The decoder's LM head (always loaded, frozen)."""
+        return self.model.decoder.lm_head
+
+    def audio_modules(self) -> list[str]:
+        return ["model.audio_encoder", "model.audio_projector"]
+
+    def unused_parameters(self) -> list[nn.Parameter]:
+        # Embeddings never reach the LM head (the re-ranker reads it frozen).
+        return list(self.model.decoder.lm_head.parameters())
+
+    def collator(self, generation_prompt: bool = False) -> MiDashengLMCollator:
+        return MiDashengLMCollator(self.tokenizer, self.config, self.system_prompt, generation_prompt)
 
     def shard_units(self) -> list[nn.Module]:
         return [*self.language_model.layers, *self.audio_encoder.blocks]

@@ -13,14 +13,15 @@ from transformers import (
     AutoTokenizer,
     PreTrainedTokenizerBase,
     Qwen2_5OmniThinkerConfig,
+    Qwen2_5OmniThinkerForConditionalGeneration,
     Qwen2_5OmniThinkerModel,
     WhisperFeatureExtractor,
 )
 
-from lightning_modules.adapters import LoraSettings, add_lora, freeze, local_device, quantize_linear_4bit
+from datamodules.inputs import AUDIO_SLOT, EmbedInput
+from lightning_modules.adapters import LoraSettings, local_device
 from lightning_modules.backbones.base import Backbone, BackboneOutput
 from lightning_modules.backbones.offline_tokenizer import build_offline_tokenizer
-from datamodules.inputs import EmbedInput
 
 AUDIO_TOKEN = "<|AUDIO|>"
 AUDIO_BOS = "<|audio_bos|>"
@@ -79,16 +80,35 @@ class PromptTemplates:
     assistant: str = "<emb>."
     chat: bool = True
 
-    def render(self, item: EmbedInput) -> str:
-        """The full prompt of ``item`` with a single ``<|AUDIO|>`` slot for its audio, if any."""
-        template = getattr(self, item.modality)
-        user = template.format(
-            audio=f"{AUDIO_BOS}{AUDIO_TOKEN}{AUDIO_EOS}", text=item.text or "", instruction=item.instruction or ""
-        )
+    def render(self, item: EmbedInput, generation_prompt: bool = False) -> str:
+        """The full prompt of ``item`` with a single ``<|AUDIO|>`` slot for its audio, if any.
+
+        With ``generation_prompt`` the user turn is the input's text with its audio at
+        :data:`~datamodules.inputs.AUDIO_SLOT` (or first), and the prompt ends where the assistant's
+        answer begins (the modality templates and ``assistant`` are not used).
+        """
+        audio = f"{AUDIO_BOS}{AUDIO_TOKEN}{AUDIO_EOS}"
+        if generation_prompt:
+            user = place_audio(item, audio)
+        else:
+            template = getattr(self, item.modality)
+            user = template.format(audio=audio, text=item.text or "", instruction=item.instruction or "")
         if not self.chat:
             return user
         system = f"<|im_start|>system\n{self.system}<|im_end|>\n" if self.system is not None else ""
-        return f"{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{self.assistant}<|im_end|>\n"
+        prompt = f"{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        return prompt if generation_prompt else f"{prompt}{self.assistant}<|im_end|>\n"
+
+
+def place_audio(item: EmbedInput, audio: str) -> str:
+    """The input's instruction and text as one user message, with ``audio`` (the backbone's audio
+    markup) at the text's :data:`~datamodules.inputs.AUDIO_SLOT`, or before the text without one."""
+    text = item.text or ""
+    if item.audio is not None:
+        text = text.replace(AUDIO_SLOT, audio, 1) if AUDIO_SLOT in text else audio + text
+    elif AUDIO_SLOT in text:
+        raise ValueError(f"an input without audio has an audio slot {AUDIO_SLOT!r} in its text")
+    return f"{item.instruction}\n{text}" if item.instruction else text
 
 
 class QwenOmniCollator:
@@ -108,11 +128,13 @@ class QwenOmniCollator:
         feature_extractor: WhisperFeatureExtractor,
         prompts: PromptTemplates,
         padding_side: str = "left",
+        generation_prompt: bool = False,
     ):
         self.tokenizer = tokenizer
         self.feature_extractor = feature_extractor
         self.prompts = prompts
         self.padding_side = padding_side
+        self.generation_prompt = generation_prompt
 
     def features(self, waves: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         fe = self.feature_extractor
@@ -138,7 +160,7 @@ class QwenOmniCollator:
         return out["input_features"][..., :frames], out["attention_mask"][:, :frames]
 
     def __call__(self, items: list[EmbedInput]) -> dict[str, torch.Tensor]:
-        texts = [self.prompts.render(item) for item in items]
+        texts = [self.prompts.render(item, self.generation_prompt) for item in items]
         batch: dict[str, torch.Tensor] = {}
         waves = [item.audio for item in items if item.audio is not None]
         if waves:
@@ -200,23 +222,30 @@ def tiny_thinker_config(
 
 
 def tiny_components(
-    seed: int = 0, width: int = 32
-) -> tuple[Qwen2_5OmniThinkerModel, PreTrainedTokenizerBase, WhisperFeatureExtractor]:
-    """Tiny random thinker, offline tokenizer and 20-bin Whisper feature extractor."""
+    seed: int = 0, width: int = 32, lm_head: bool = False
+) -> tuple[Qwen2_5OmniThinkerModel | Qwen2_5OmniThinkerForConditionalGeneration, PreTrainedTokenizerBase,
+           WhisperFeatureExtractor]:
+    """Tiny random thinker (with its LM head: ``...ForConditionalGeneration``), offline tokenizer and
+    20-bin Whisper feature extractor."""
     tokenizer = build_offline_tokenizer(QWEN_SPECIAL_TOKENS, pad_token="<|endoftext|>", eos_token="<|im_end|>")
     feature_extractor = WhisperFeatureExtractor(feature_size=20, sampling_rate=16000, hop_length=160, n_fft=400)
     torch.manual_seed(seed)
-    model = Qwen2_5OmniThinkerModel(tiny_thinker_config(tokenizer, feature_extractor.feature_size, width))
+    cls = Qwen2_5OmniThinkerForConditionalGeneration if lm_head else Qwen2_5OmniThinkerModel
+    model = cls(tiny_thinker_config(tokenizer, feature_extractor.feature_size, width))
     return model, tokenizer, feature_extractor
 
 
 def load_thinker(
-    name_or_path: str, dtype: torch.dtype, attn_implementation: str, quantize: LoraSettings | None = None
-) -> tuple[Qwen2_5OmniThinkerModel, PreTrainedTokenizerBase, WhisperFeatureExtractor]:
-    """Thinker, tokenizer and feature extractor from a Qwen2.5-Omni (or thinker-only) checkpoint.
+    name_or_path: str, dtype: torch.dtype, attn_implementation: str, quantize: LoraSettings | None = None,
+    lm_head: bool = False,
+) -> tuple[Qwen2_5OmniThinkerModel | Qwen2_5OmniThinkerForConditionalGeneration, PreTrainedTokenizerBase,
+           WhisperFeatureExtractor]:
+    """Thinker, tokenizer and feature extractor from a Qwen2.5-Omni (or thinker-only) checkpoint,
+    such as AuroLA's released ones (``Jazzcharles/AuroLA-3B``, ``Jazzcharles/AuroLA-rerank-7B``).
 
     With ``quantize``, the language model's linear layers load as NF4 ``Linear4bit`` on this
-    process's device (the audio and vision towers stay in ``dtype``).
+    process's device (the audio and vision towers stay in ``dtype``). With ``lm_head`` the thinker
+    is loaded with its LM head (``Qwen2_5OmniThinkerForConditionalGeneration``).
     """
     config = AutoConfig.from_pretrained(name_or_path)
     if config.model_type == "qwen2_5_omni":  # the full Omni checkpoint nests the thinker's config
@@ -224,12 +253,12 @@ def load_thinker(
     quantized = {}
     if quantize is not None:
         quantized = dict(
-            quantization_config=quantize.bnb_config(skip_modules=["audio_tower", "visual"]),
+            quantization_config=quantize.bnb_config(skip_modules=["audio_tower", "visual", "lm_head"]),
             device_map={"": local_device()},
         )
-    model = Qwen2_5OmniThinkerModel.from_pretrained(
-        name_or_path, config=config, dtype=dtype, attn_implementation=attn_implementation, **quantized
-    )
+    cls = Qwen2_5OmniThinkerForConditionalGeneration if lm_head else Qwen2_5OmniThinkerModel
+    model = cls.from_pretrained(name_or_path, config=config, dtype=dtype, attn_implementation=attn_implementation,
+                                **quantized)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     feature_extractor = WhisperFeatureExtractor.from_pretrained(name_or_path)
     return model, tokenizer, feature_extractor
@@ -255,7 +284,7 @@ class QwenOmniThinker(Backbone):
         dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``).
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
         prompts: prompt templates per modality.
-        emb_token: marker token appended by the assistant turn.
+        emb_token: marker token appended by the assistant turn; ``None`` adds none (a re-ranker).
         padding_side: pad prompts on the ``left`` (as the official processor) or ``right``.
         keep_vision_tower: keep the (unused) vision tower's weights in memory.
         gradient_checkpointing: recompute language-model activations in the backward pass
@@ -265,6 +294,8 @@ class QwenOmniThinker(Backbone):
         freeze_audio_encoder: freeze the audio tower and keep it in eval mode.
         seed: random seed of the tiny model's initialisation.
         tiny_width: hidden width of the tiny model's audio tower and language model.
+        lm_head: keep the thinker's LM head (frozen), exposed as :attr:`output_head`, for scoring
+            answer tokens (the re-ranker).
     """
 
     sampling_rate = 16000
@@ -284,39 +315,35 @@ class QwenOmniThinker(Backbone):
         freeze_audio_encoder: bool = False,
         seed: int = 0,
         tiny_width: int = 32,
+        lm_head: bool = False,
     ):
-        super().__init__()
-        if tiny == (name_or_path is not None):
-            raise ValueError("QwenOmniThinker needs exactly one of name_or_path or tiny=True")
-        quantize = lora if lora is not None and lora.quantize_4bit else None
+        super().__init__(name_or_path, tiny, dtype)
+        quantize_at_load = lora is not None and lora.quantize_4bit and not tiny
         if tiny:
-            model, tokenizer, feature_extractor = tiny_components(seed, tiny_width)
-            model = model.to(getattr(torch, dtype))
-            if quantize is not None:
-                quantize_linear_4bit(model.language_model, quantize)
+            model, tokenizer, feature_extractor = tiny_components(seed, tiny_width, lm_head)
+            model = model.to(self.param_dtype)
         else:
             model, tokenizer, feature_extractor = load_thinker(
-                name_or_path, getattr(torch, dtype), attn_implementation, quantize
+                name_or_path, self.param_dtype, attn_implementation, lora if quantize_at_load else None, lm_head
             )
+        head = None
+        if lm_head:
+            model, head = model.model, model.lm_head
         if not keep_vision_tower:
             del model.visual
-        tokenizer.add_tokens([emb_token], special_tokens=True)
-        self.emb_token_id = tokenizer.convert_tokens_to_ids(emb_token)
-        if self.emb_token_id >= model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        if gradient_checkpointing:
-            model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # The thinker never reads the audio tower's own bos/eos embedding; a trainable parameter that
-        # gets no gradient would break DDP's reducer.
-        model.audio_tower.audio_bos_eos_token.requires_grad_(False)
-        if lora is not None:
-            add_lora(model.language_model, lora)
-        if freeze_audio_encoder:
-            freeze(model.audio_tower)
-            self.frozen_in_eval.append("model.audio_tower")
+        if emb_token is not None:
+            tokenizer.add_tokens([emb_token], special_tokens=True)
+            self.emb_token_id = tokenizer.convert_tokens_to_ids(emb_token)
+            if self.emb_token_id >= model.get_input_embeddings().num_embeddings:
+                if head is not None:
+                    raise ValueError("lm_head needs emb_token: null (the marker would be missing from the LM head)")
+                model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         self.model = model
+        self.lm_head = head.requires_grad_(False) if head is not None else None
         self.hidden_size = model.config.text_config.hidden_size
-        self._collator = QwenOmniCollator(tokenizer, feature_extractor, prompts or PromptTemplates(), padding_side)
+        self._tokenizer = tokenizer
+        self._collator_args = (tokenizer, feature_extractor, prompts or PromptTemplates(), padding_side)
+        self.setup_training(lora, freeze_audio_encoder, gradient_checkpointing, quantized_at_load=quantize_at_load)
 
     @property
     def language_model(self) -> torch.nn.Module:
@@ -326,8 +353,23 @@ class QwenOmniThinker(Backbone):
     def audio_encoder(self) -> torch.nn.Module:
         return self.model.audio_tower
 
-    def collator(self) -> QwenOmniCollator:
-        return self._collator
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self._tokenizer
+
+    @property
+    def output_head(self) -> torch.nn.Module | None:
+        return self.lm_head
+
+    def audio_modules(self) -> list[str]:
+        return ["model.audio_tower"]
+
+    def unused_parameters(self) -> list[torch.nn.Parameter]:
+        # The thinker never reads the audio tower's own bos/eos embedding.
+        return [self.model.audio_tower.audio_bos_eos_token]
+
+    def collator(self, generation_prompt: bool = False) -> QwenOmniCollator:
+        return QwenOmniCollator(*self._collator_args, generation_prompt=generation_prompt)
 
     def shard_units(self) -> list[torch.nn.Module]:
         return [*self.model.language_model.layers, *self.model.audio_tower.layers]

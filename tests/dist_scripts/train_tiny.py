@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from callbacks import TrainableWeightsExport  # noqa: E402
+from callbacks import NonFiniteGuard, RngStateCheckpoint, TrainableWeightsExport  # noqa: E402
 from lightning_modules import EmbeddingModule, EmbTokenPooler, LinearHead, QwenOmniThinker  # noqa: E402
 from lightning_modules.adapters import LoraSettings  # noqa: E402
 from datamodules.inputs import EmbedInput  # noqa: E402
@@ -118,7 +118,7 @@ def run(name: str, out: Path) -> None:
     batches = [module.collate(items[s * GLOBAL_BATCH + rank * local: s * GLOBAL_BATCH + (rank + 1) * local])
                for s in range(STEPS_PER_EPOCH)]
     record = Record()
-    callbacks = [record]
+    callbacks = [record, NonFiniteGuard(), RngStateCheckpoint()]
     ckpt_dir = out / "fsdp_checkpoints"
     if mode == "save":
         callbacks += [ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1),
