@@ -5,6 +5,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -206,19 +207,32 @@ def test_datamodule_epochs_reach_persistent_workers(synthetic):
     assert loader_texts(2) == plain
 
 
-def test_datamodule_binds_from_the_trainer(synthetic):
+def test_datamodule_is_bound_explicitly_never_through_the_trainer(synthetic):
     dm = RetrievalDataModule(val_manifest=synthetic["val"], test_manifest=synthetic["test"], batch_size=4,
                              eval_batch_size=3)  # fmt: skip
-    with pytest.raises(RuntimeError, match="bind"):
-        dm.val_dataloader()
+    # A trainer with a model attached is not a binding: the data never reads the model.
     module = SimpleNamespace(backbone=SimpleNamespace(sampling_rate=8000), collate=_identity)
     dm.trainer = SimpleNamespace(lightning_module=module, current_epoch=0)
     dm.setup("validate")
+    with pytest.raises(RuntimeError, match="bind"):
+        dm.val_dataloader()
+    dm.bind(module.backbone.sampling_rate, module.collate)
     batch = next(iter(dm.val_dataloader()))
     assert len(batch) == 3 and len(batch[0]["documents"]) == 5
     assert dm.sampling_rate == 8000
     with pytest.raises(ValueError, match="train_manifest"):
         dm.train_dataloader()
+
+
+def test_the_cli_binds_the_models_collator_to_the_data(tmp_path):
+    from lightning_modules import EmbeddingModule
+    from main import EmbeddingCLI
+
+    cli = EmbeddingCLI(EmbeddingModule, RetrievalDataModule, subclass_mode_data=True, run=False,
+                       args=["--config", str(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"),
+                             "--data.init_args.root", str(tmp_path)])  # fmt: skip
+    assert cli.datamodule.collate_fn is cli.model.collate
+    assert cli.datamodule.sampling_rate == cli.model.backbone.sampling_rate
 
 
 def test_synthetic_datamodule(tmp_path):
