@@ -26,7 +26,7 @@ class PairCollator:
 
     An example is a dict with ``query`` (an :class:`EmbedInput`), ``documents`` (a list of them: one
     sampled caption when training, all captions when evaluating), ``clip_index`` and optional
-    metadata (``clip_id``, ``caption_kind``, ``tags``). The batch holds the backbone inputs of both
+    metadata (``clip_id``, ``audio_path``, ``caption_kind``, ``tags``). The batch holds the backbone inputs of both
     sides, their modalities, the clip index of every query and document, and unique document keys.
 
     Examples a dataset skipped (:class:`~datamodules.bad_samples.SkippedSample` markers, under the
@@ -63,6 +63,7 @@ class PairCollator:
             "document_key": torch.tensor(document_key, dtype=torch.long),
             "texts": [doc.text for doc in documents],
             "clip_ids": [ex.get("clip_id", str(ex["clip_index"])) for ex in examples],
+            "audio_paths": [ex.get("audio_path") for ex in examples],
             "caption_kinds": [ex.get("caption_kind", "caption") for ex in examples],
             "tags": [ex.get("tags", []) for ex in examples],
             "skipped": skipped,
