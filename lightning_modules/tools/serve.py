@@ -19,7 +19,8 @@ that caption. Each result then carries ``relevant: true/false``; otherwise ``nul
 
 JSON API (errors are ``{"error": message}`` with a 4xx status, and the server keeps serving)::
 
-    GET  /api/info                          model, collection size, width, limits, default instructions
+    GET  /api/info                          collection size, width, limits, instructions (defaults, and
+                                            whether they change the model's text / audio embeddings)
     GET  /api/collection                    [{"id": clip id, "captions": [...]}, ...] (for the page's lists)
     GET  /api/search?q=TEXT&k=10[&instruction=...]        text query
     GET  /api/search?clip=CLIP_ID&k=10[&instruction=...]  a collection clip as the query
@@ -56,6 +57,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -236,8 +238,18 @@ class RetrievalService:
         self.max_seconds = max_seconds
         self.max_k = max_k
         self.default_k = default_k
+        self.instruction_aware = self._probe_instructions()
         # One forward at a time: requests run in a thread pool and encode() switches module modes.
         self._lock = threading.Lock()
+
+    def _probe_instructions(self) -> dict[str, bool]:
+        """Whether an instruction changes the model's text and audio embeddings (a prompt template may
+        have no place for one, as AuroLA's), found by embedding a probe with and without one."""
+        probe = {"text": {"text": ["a probe"]}, "audio": {"audio": [np.zeros(self.model.sampling_rate, np.float32)]}}
+        return {
+            side: not torch.equal(self.model.encode(**inputs), self.model.encode(**inputs, instruction="Probe."))
+            for side, inputs in probe.items()
+        }
 
     def check_k(self, k: int | None) -> int:
         if k is None:
@@ -368,6 +380,7 @@ class RetrievalService:
             "captions": len(c.captions),
             "dim": c.width,
             "audio": c.audio_paths is not None,
+            "instruction_aware": self.instruction_aware,
             "text_instruction": self.instructions["text"],
             "audio_instruction": self.instructions["audio"],
             "max_seconds": self.max_seconds,
