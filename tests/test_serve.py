@@ -388,3 +388,11 @@ def test_page_in_a_headless_browser(run):
         captions = [r.find_element(By.CSS_SELECTOR, "td.what div").text for r in
                     browser.find_elements(By.CSS_SELECTOR, "tr.result")]
         assert len(captions) == 5 and set(captions) <= set(run.ids["text"]["texts"])
+
+        # An uploaded file: the same captions as the clip it is a copy of, unmarked.
+        browser.find_element(By.ID, "upload").send_keys(run.ids["audio"]["paths"][run.ids["audio"]["ids"].index(owner)])
+        browser.find_element(By.ID, "search-upload").click()
+        WebDriverWait(browser, 30).until(lambda b: "query file" in b.find_element(By.ID, "query").text)
+        uploaded = [r.find_element(By.CSS_SELECTOR, "td.what div").text for r in
+                    browser.find_elements(By.CSS_SELECTOR, "tr.result")]
+        assert uploaded == captions and not browser.find_elements(By.CSS_SELECTOR, "tr.relevant")

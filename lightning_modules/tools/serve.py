@@ -453,6 +453,7 @@ def _megabytes(size: int) -> str:
 def create_app(service: RetrievalService, max_upload_bytes: int = 20 * 2**20) -> FastAPI:
     """The FastAPI application of the page and the API (see the module docstring)."""
     app = FastAPI(title="alm-embed retrieval demo", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
     app.add_middleware(BodyLimit, max_upload_bytes=max_upload_bytes)
     page = PAGE.read_text(encoding="utf-8")
 
