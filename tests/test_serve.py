@@ -169,13 +169,15 @@ def test_instructions_default_per_side_and_can_be_cleared(run, tmp_path):
     cases = [
         ({"q": text}, "Find the sound."), ({"q": text, "instruction": ""}, None),
         ({"q": text, "instruction": "Retrieve audio."}, "Retrieve audio."),
-        ({"clip": run.ids["audio"]["ids"][1]}, "Describe it."), ({"clip": run.ids["audio"]["ids"][1], "instruction": ""}, None),
+        ({"clip": run.ids["audio"]["ids"][1]}, "Describe it."),
+        ({"clip": run.ids["audio"]["ids"][1], "instruction": ""}, None),
     ]  # fmt: skip
     answers = []
     for params, instruction in cases:
         got, used = ranked(params)
         if "q" in params:
-            query, corpus, ids = model.encode(text=[text], instruction=instruction), run.tensors["audio"], run.ids["audio"]["ids"]
+            query = model.encode(text=[text], instruction=instruction)
+            corpus, ids = run.tensors["audio"], run.ids["audio"]["ids"]
         else:
             query = model.encode(audio=[path], instruction=instruction, max_seconds=run.policy.max_seconds)
             corpus, ids = run.tensors["text"], run.ids["text"]["ids"]

@@ -51,7 +51,6 @@ import re
 import tempfile
 import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,10 +127,10 @@ class Collection:
     def __post_init__(self) -> None:
         self.clip_row = {clip: row for row, clip in enumerate(self.clip_ids)}
         self.clip_captions = [[] for _ in self.clip_ids]
-        self.caption_rows = defaultdict(list)
+        self.caption_rows = {}
         for row, (clip, text) in enumerate(zip(self.text_clip.tolist(), self.captions)):
             self.clip_captions[clip].append(row)
-            self.caption_rows[normalize_text(text)].append(row)
+            self.caption_rows.setdefault(normalize_text(text), []).append(row)
 
     @property
     def width(self) -> int:
@@ -191,7 +190,9 @@ class Collection:
             raise QueryError(404, f"{ids_path(self.path)} lists no audio files (re-run predict to add them)")
         resolved = Path(self.audio_paths[row]).resolve()
         if not resolved.is_relative_to(self.audio_root):
-            raise QueryError(403, f"the audio of clip {clip_id!r} lies outside the collection's folder {self.audio_root}")
+            raise QueryError(
+                403, f"the audio of clip {clip_id!r} lies outside the collection's folder {self.audio_root}"
+            )
         if not resolved.is_file():
             raise QueryError(404, f"the audio file of clip {clip_id!r} is missing: {resolved}")
         return resolved
@@ -238,9 +239,9 @@ class RetrievalService:
         self.max_seconds = max_seconds
         self.max_k = max_k
         self.default_k = default_k
-        self.instruction_aware = self._probe_instructions()
         # One forward at a time: requests run in a thread pool and encode() switches module modes.
         self._lock = threading.Lock()
+        self.instruction_aware = self._probe_instructions()
 
     def _probe_instructions(self) -> dict[str, bool]:
         """Whether an instruction changes the model's text and audio embeddings (a prompt template may
@@ -296,12 +297,12 @@ class RetrievalService:
         path = self.collection.audio_file(clip_id)
         row = self.collection.clip_row[clip_id]
         try:
-            answer = self._search_audio(str(path), k, instruction)
+            answer, rows = self._search_audio(str(path), k, instruction)
         except AudioDecodeError as err:
             raise QueryError(500, f"cannot decode the audio of clip {clip_id!r}: {err}") from err
         relevant = set(self.collection.clip_captions[row])
-        for result in answer["results"]:
-            result["relevant"] = result.pop("row") in relevant
+        for result, caption_row in zip(answer["results"], rows):
+            result["relevant"] = caption_row in relevant
         answer["query"].update(kind="clip", clip=clip_id, audio_url=self._audio_url(row))
         answer["relevant_total"] = len(relevant)
         return answer
@@ -320,16 +321,15 @@ class RetrievalService:
             with open(path, "wb") as handle:
                 handle.write(data)
             try:
-                answer = self._search_audio(path, k, instruction)
+                answer, _ = self._search_audio(path, k, instruction)
             except AudioDecodeError as err:
                 message = str(err).replace(path, repr(filename))
                 raise QueryError(400, f"cannot decode the upload ({err.reason}): {message}") from err
-        for result in answer["results"]:
-            del result["row"]
         answer["query"].update(kind="audio", filename=filename)
         return answer
 
-    def _search_audio(self, path: str, k: int | None, instruction: str | None) -> dict[str, Any]:
+    def _search_audio(self, path: str, k: int | None, instruction: str | None) -> tuple[dict[str, Any], list[int]]:
+        """The answer for an audio file (relevance unknown) and the caption rows of its results."""
         k = self.check_k(k)
         instruction = self._instruction("audio", instruction)
         start = time.perf_counter()
@@ -351,13 +351,15 @@ class RetrievalService:
                     "caption": c.captions[row],
                     "audio_url": self._audio_url(clip),
                     "relevant": None,
-                    "row": row,
                 }
             )
-        return self._answer({"instruction": instruction}, "text", results, None, start, embedded, searched)
+        answer = self._answer({"instruction": instruction}, "text", results, None, start, embedded, searched)
+        return answer, rows[0].tolist()
 
     def _audio_url(self, clip_row: int) -> str | None:
-        return None if self.collection.audio_paths is None else f"/audio/{quote(self.collection.clip_ids[clip_row], safe='')}"
+        if self.collection.audio_paths is None:
+            return None
+        return f"/audio/{quote(self.collection.clip_ids[clip_row], safe='')}"
 
     @staticmethod
     def _answer(
@@ -390,7 +392,9 @@ class RetrievalService:
 
     def clips(self) -> list[dict[str, Any]]:
         c = self.collection
-        return [{"id": clip, "captions": [c.captions[i] for i in rows]} for clip, rows in zip(c.clip_ids, c.clip_captions)]
+        return [
+            {"id": clip, "captions": [c.captions[i] for i in rows]} for clip, rows in zip(c.clip_ids, c.clip_captions)
+        ]
 
 
 class BodyLimit:
@@ -463,7 +467,9 @@ def create_app(service: RetrievalService, max_upload_bytes: int = 20 * 2**20) ->
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in err.errors())
+        # loc is ("query", "k"): name the parameter.
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}"
+                             for e in err.errors())
         return JSONResponse({"error": f"invalid request: {problems}"}, status_code=400)
 
     @app.exception_handler(HTTPException)
