@@ -10,8 +10,11 @@ Layout of ``<output_dir>/embeddings.safetensors`` (float32, manifest order)::
 and ``<output_dir>/embeddings.json`` (safetensors holds tensors only; the ids and texts of a large
 corpus would also overflow its 100 MB header)::
 
-    {"audio": {"ids": [clip id, ...], "modalities": ["audio"]},
+    {"audio": {"ids": [clip id, ...], "paths": [audio file, ...], "modalities": ["audio"]},
      "text":  {"ids": ["<clip id>#<caption index>", ...], "texts": [caption, ...], "modalities": ["text"]}}
+
+``paths`` are the clips' audio files as absolute paths (so that ``python main.py serve`` can play
+them wherever it is started); they are left out when the dataset's items do not name their files.
 
 Under several processes each rank embeds its share of the manifest; the shares are gathered to rank
 0, which sorts them back into manifest order and writes the single pair of files.
@@ -20,6 +23,7 @@ Under several processes each rank embeds its share of the manifest; the shares a
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +80,7 @@ class EmbeddingWriter(BasePredictionWriter):
                 "audio": prediction["query"].detach().float().cpu(),
                 "clip_index": prediction["query_index"].cpu(),
                 "clip_ids": list(prediction["clip_ids"]),
+                "audio_paths": list(batch.get("audio_paths", [None] * len(prediction["clip_ids"]))),
                 "text": prediction["document"].detach().float().cpu(),
                 "document_key": batch["document_key"].cpu(),
                 "texts": list(batch["texts"]),
@@ -103,6 +108,8 @@ def write_embeddings(batches: list[dict[str, Any]], path: Path) -> Path:
     clip_order = clip_index.argsort()
     unsorted_ids = [cid for b in batches for cid in b["clip_ids"]]
     clip_ids = [unsorted_ids[int(i)] for i in clip_order]
+    unsorted_paths = [audio_file for b in batches for audio_file in b["audio_paths"]]
+    audio_paths = [unsorted_paths[int(i)] for i in clip_order]
     row_of_clip = {int(c): row for row, c in enumerate(clip_index[clip_order])}
     # Document keys are clip_index * MAX_DOCS_PER_CLIP + caption index: sorting them gives
     # clip-major, caption-minor order.
@@ -118,8 +125,12 @@ def write_embeddings(batches: list[dict[str, Any]], path: Path) -> Path:
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": FORMAT})
+    audio: dict[str, Any] = {"ids": clip_ids}
+    if None not in audio_paths:
+        audio["paths"] = [os.path.abspath(audio_file) for audio_file in audio_paths]
+    audio["modalities"] = sorted({b["modalities"][0] for b in batches})
     ids = {
-        "audio": {"ids": clip_ids, "modalities": sorted({b["modalities"][0] for b in batches})},
+        "audio": audio,
         "text": {
             "ids": [f"{clip_ids[row]}#{key % MAX_DOCS_PER_CLIP}" for row, key in zip(text_rows, keys)],
             "texts": [texts[int(i)] for i in text_order],

@@ -27,9 +27,10 @@ class PairCollator:
 
     An example is a dict with ``query`` (an :class:`EmbedInput`), ``documents`` (a list of them: one
     sampled caption when training, all captions when evaluating), ``clip_index`` and optional
-    metadata (``clip_id``, ``caption_kind``, ``tags``). The batch holds the backbone inputs of both
-    sides, their modalities, the clip index of every query and document, unique document keys, the
-    clips' string ``clip_ids`` (for messages), the document ``texts``, and ``info``, the
+    metadata (``clip_id``, ``audio_path``, ``caption_kind``, ``tags``). The batch holds the backbone
+    inputs of both sides, their modalities, the clip index of every query and document, unique
+    document keys, the clips' string ``clip_ids`` (for messages) and ``audio_paths``, the document
+    ``texts``, and ``info``, the
     :class:`~losses.structure.BatchInfo` the loss receives (clip indices, texts, caption kinds and
     tag clusters, mapped through ``tag_clusters``).
 
@@ -76,6 +77,7 @@ class PairCollator:
             "document_key": torch.tensor(document_key, dtype=torch.long),
             "texts": texts,
             "clip_ids": [ex.get("clip_id", str(ex["clip_index"])) for ex in examples],
+            "audio_paths": [ex.get("audio_path") for ex in examples],
             "skipped": skipped,
         }
         if len(documents) == len(examples):  # training: one document per query, the loss's pairs

@@ -7,6 +7,7 @@ Items are dicts consumed by the model's collator::
         "documents": list[EmbedInput],    # text side: one caption in training, all in evaluation
         "clip_index": int,                # position of the clip in the record list
         "clip_id": str,
+        "audio_path": str,                # the clip's audio file, as the manifest resolved it
         "caption_kind": str,              # caption field the document came from, or "qa"
         "tags": list[str],
     }
@@ -79,6 +80,7 @@ def _item(
         "documents": [EmbedInput(text=text, instruction=instruction) for text in texts],
         "clip_index": index,
         "clip_id": record.id,
+        "audio_path": record.audio_path,
         "caption_kind": kind,
         "tags": record.tags,
     }

@@ -2,6 +2,7 @@
 ``EmbeddingModel.from_checkpoint`` reproduces them, and the run's hyper-parameters reach TensorBoard."""
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -52,6 +53,7 @@ def test_predict_writes_the_manifest_embeddings(run):
     assert tensors["audio"].shape[0] == len(records) == len(ids["audio"]["ids"])
     assert tensors["text"].shape[0] == len(captions) == len(ids["text"]["ids"])
     assert ids["audio"]["ids"] == [r.id for r in records]
+    assert ids["audio"]["paths"] == [os.path.abspath(r.audio_path) for r in records]
     assert ids["text"]["ids"] == [f"{clip}#{j}" for clip, j, _ in captions]
     assert ids["text"]["texts"] == [c for _, _, c in captions]
     assert tensors["text_clip"].tolist() == [[r.id for r in records].index(clip) for clip, _, _ in captions]

@@ -106,7 +106,8 @@ def test_pair_dataset_items(synthetic):
     dataset = PairDataset(records, 16000, AudioPolicy(max_seconds=1.0), seed=0, document_instruction="Represent it.")
     item = dataset[2]
 
-    assert set(item) == {"query", "documents", "clip_index", "clip_id", "caption_kind", "tags"}
+    assert set(item) == {"query", "documents", "clip_index", "clip_id", "audio_path", "caption_kind", "tags"}
+    assert item["audio_path"] == records[2].audio_path
     assert isinstance(item["query"], EmbedInput) and item["query"].modality == "audio"
     assert item["query"].audio.dtype == np.float32 and len(item["query"].audio) <= 16000
     assert len(item["documents"]) == 1 and item["documents"][0].text in records[2].captions
