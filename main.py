@@ -13,6 +13,8 @@ import sys
 from argparse import RawDescriptionHelpFormatter
 from typing import Any
 
+import yaml
+
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -34,6 +36,7 @@ from callbacks.output_dirs import check_output_dirs
 from callbacks.preemption import PreemptionCheckpoint
 from datamodules import RetrievalDataModule
 from lightning_modules import EmbeddingModule
+from lightning_modules.finetune import FineTuneModule
 from lightning_modules.tools import TOOLS, tools_help
 
 
@@ -90,6 +93,23 @@ class EmbeddingCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
 
 
+def names_a_model_class(argv: list[str]) -> bool:
+    """Whether a ``--config`` file gives ``model.class_path`` (e.g. ``RerankModule``): such configs pick
+    their model among the project's :class:`FineTuneModule` subclasses; the others configure an
+    :class:`EmbeddingModule` directly."""
+    paths = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("--config", "-c")]
+    paths += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                model = (yaml.safe_load(handle) or {}).get("model")
+        except OSError:
+            continue  # LightningCLI reports the missing file itself
+        if isinstance(model, dict) and "class_path" in model:
+            return True
+    return False
+
+
 def main(args: list[str] | None = None) -> EmbeddingCLI | list[dict[str, Any]]:
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] and argv[0] in TOOLS:
@@ -97,9 +117,11 @@ def main(args: list[str] | None = None) -> EmbeddingCLI | list[dict[str, Any]]:
         if isinstance(result, int) and not isinstance(result, bool):  # an exit status
             raise SystemExit(result)
         return result
+    subclass = names_a_model_class(argv)
     return EmbeddingCLI(
-        EmbeddingModule,
+        FineTuneModule if subclass else EmbeddingModule,
         RetrievalDataModule,
+        subclass_mode_model=subclass,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"epilog": tools_help(), "formatter_class": RawDescriptionHelpFormatter},

@@ -37,7 +37,9 @@ class EmbeddingProjector(Callback):
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.tags = []
         logger = trainer.logger
-        if self.max_samples == 0 or not trainer.is_global_zero or not isinstance(logger, TensorBoardLogger):
+        # Only models that embed (EmbeddingModule's evaluators); a re-ranker has nothing to project.
+        if (self.max_samples == 0 or not trainer.is_global_zero or not isinstance(logger, TensorBoardLogger)
+                or not hasattr(pl_module, "evaluators")):
             return
         datamodule = getattr(trainer, "datamodule", None)
         for evaluator in pl_module.evaluators("test"):

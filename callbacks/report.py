@@ -13,7 +13,7 @@ __all__ = ["RetrievalReport", "format_markdown", "format_table", "plot_recall"]
 #: metric groups that rank candidates; their tables share columns (R@k, mAP@10, medr, meanr).
 RETRIEVAL_GROUPS = ("t2a", "a2t", "t2s", "s2t", "t2t")
 #: every group a metric key may carry after the stage and the optional set name.
-GROUPS = RETRIEVAL_GROUPS + ("hn", "qa", "diag")
+GROUPS = RETRIEVAL_GROUPS + ("hn", "qa", "diag", "settings")
 #: the row label of metrics without a set name (the unnamed set, or the mean over named sets).
 UNNAMED = "all"
 
@@ -25,7 +25,9 @@ def split_key(key: str) -> tuple[str, str, str]:
         name, parts = parts[0], parts[1:]
     else:
         name = UNNAMED
-    if len(parts) < 2:
+    if len(parts) == 1:  # a setting reported beside the metrics, e.g. test/rerank/alpha_t2a
+        return name, "settings", parts[0]
+    if not parts:
         raise ValueError(f"metric key {key!r} has no group and name")
     return name, parts[0], "/".join(parts[1:])
 
@@ -72,6 +74,7 @@ def format_markdown(results: dict[str, float]) -> str:
         ("Hard negatives (HNSR@k, R@k in %; Δ-rank = rank(negative) − rank(target))", ("hn",)),
         ("QA by retrieval (accuracy in %)", ("qa",)),
         ("Embedding diagnostics", ("diag",)),
+        ("Settings (re-ranking: α per direction, top k)", ("settings",)),
     ):
         rows = _rows(results, groups)
         if rows:
@@ -115,6 +118,26 @@ def plot_recall(results: dict[str, float], path: str) -> bool:
     return True
 
 
+def plot_alpha(curves: dict[str, list[tuple[float, float]]], path: str) -> None:
+    """Fused R@1 against the fusion weight α, one line per direction (the validation grid search)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for direction, points in sorted(curves.items()):
+        alphas, values = zip(*points)
+        axes.plot(alphas, values, marker=".", label=direction)
+    axes.set_xlabel("α (fused score s + α·p)")
+    axes.set_ylabel("R@1 (%)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 class RetrievalReport(Callback):
     """After ``test``, prints the retrieval table and writes three files into the run directory.
 
@@ -123,6 +146,7 @@ class RetrievalReport(Callback):
       percent; ranks 1-based).
     - ``<stem>.md``: the same as markdown tables (retrieval, hard negatives, QA, diagnostics).
     - ``<stem>.png``: R@k against k per set and direction.
+    - ``<stem>_alpha.png`` (re-rankers only): fused R@1 against α, from the validation grid search.
 
     The run directory is the logger's (``trainer.log_dir``, e.g.
     ``runs/demo/lightning_logs/version_0``).
@@ -137,6 +161,8 @@ class RetrievalReport(Callback):
         self.path: str | None = None
         self.markdown_path: str | None = None
         self.plot_path: str | None = None
+        #: the fused R@1 against α of a re-ranker (``<stem>_alpha.png``), else ``None``.
+        self.alpha_plot_path: str | None = None
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         results = getattr(pl_module, "test_results", {})
@@ -154,4 +180,10 @@ class RetrievalReport(Callback):
         with open(self.markdown_path, "w") as f:
             f.write(format_markdown(results) + "\n")
         self.plot_path = stem + ".png" if plot_recall(results, stem + ".png") else None
+        # A re-ranker also reports how its fused R@1 varied with α on the validation set.
+        curves = getattr(pl_module, "alpha_curves", None)
+        self.alpha_plot_path = None
+        if curves:
+            self.alpha_plot_path = stem + "_alpha.png"
+            plot_alpha(curves, self.alpha_plot_path)
         print(f"test reports written to {self.path} (.md, .png)")

@@ -8,6 +8,7 @@ from datamodules.bucketing import DurationBatchSampler, manifest_durations
 from datamodules.datamodule import RetrievalDataModule
 from datamodules.datasets import EpochSampler, EvalDataset, PairDataset
 from datamodules.manifest import ClipRecord, ManifestError, read_json_list, read_jsonl, read_manifest, screen_audio
+from datamodules.rerank import RerankCollator, RerankPairDataset, RerankPrompts
 from datamodules.synthetic import SyntheticDataModule, make_synthetic_dataset
 
 __all__ = [
@@ -23,6 +24,9 @@ __all__ = [
     "PairCollator",
     "PairDataset",
     "REASONS",
+    "RerankCollator",
+    "RerankPairDataset",
+    "RerankPrompts",
     "RetrievalDataModule",
     "SkippedSample",
     "SyntheticDataModule",

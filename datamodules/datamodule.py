@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import numpy as np
@@ -16,6 +16,8 @@ from datamodules.audio import AudioPolicy
 from datamodules.bad_samples import BadSamplePolicy, SkippedSample, count_reasons, format_counts
 from datamodules.bucketing import DurationBatchSampler, manifest_durations
 from datamodules.datasets import EpochSampler, EvalDataset, PairDataset
+from datamodules.hard_negatives import read_mined
+from datamodules.rerank import RerankPairDataset
 from datamodules.eval_sets import DIRECTION_NAMES, EvalSet, HardNegative, qa_layout, read_hard_negatives
 from datamodules.manifest import ClipRecord, ManifestError, read_manifest, screen_audio
 from datamodules.resume import ResumableSampler, resume_position
@@ -104,6 +106,12 @@ class RetrievalDataModule(pl.LightningDataModule):
         check_audio_headers: read every clip's audio header in :meth:`setup` (cheap, no decoding),
             so that empty, corrupt or unsupported files are found before training rather than
             when first loaded; ``False`` saves the scan on very large corpora.
+        mined_negatives: mined neighbours of the training clips (``python main.py mine``), for the
+            re-ranker's training groups (:class:`datamodules.rerank.RerankPairDataset`); ``None``:
+            plain pairs.
+        num_negatives: hard negatives per training query (with ``mined_negatives``).
+        negative_directions: which direction each re-ranker training query takes: ``"both"`` draws
+            audio→text or text→audio with probability 1/2 (AuroLA), or one of them.
     """
 
     def __init__(
@@ -130,6 +138,9 @@ class RetrievalDataModule(pl.LightningDataModule):
         duration_cache_dir: str | None = None,
         on_bad_sample: BadSamplePolicy = "error",
         check_audio_headers: bool = True,
+        mined_negatives: str | None = None,
+        num_negatives: int = 0,
+        negative_directions: Literal["both", "a2t", "t2a"] = "both",
     ):
         super().__init__()
         if on_bad_sample not in get_args(BadSamplePolicy):
@@ -167,6 +178,11 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.duration_cache_dir = duration_cache_dir
         self.on_bad_sample = on_bad_sample
         self.check_audio_headers = check_audio_headers
+        if num_negatives and mined_negatives is None:
+            raise ValueError("num_negatives needs a mined_negatives file (python main.py mine)")
+        self.mined_negatives = mined_negatives
+        self.num_negatives = num_negatives
+        self.negative_directions = negative_directions
         self.records: dict[str, list[ClipRecord]] = {}
         #: samples dropped in setup under ``skip``, per record key (``train``, ``val``, ``val/<set name>``, ...).
         self.skipped: dict[str, list[SkippedSample]] = {}
@@ -344,6 +360,10 @@ class RetrievalDataModule(pl.LightningDataModule):
             document_instruction=self.document_instruction,
             on_bad_sample=self.on_bad_sample,
         )
+        if self.mined_negatives is not None:
+            records = self._split("train")
+            mined = read_mined(self.mined_negatives, [record.id for record in records])
+            dataset = RerankPairDataset(dataset, mined, self.num_negatives, self.negative_directions)
         # Lightning creates the first epoch's iterator before its first set_epoch call, so start
         # at the epoch it resumes, after the batches a mid-epoch checkpoint has already trained.
         epoch, done = resume_position(self.trainer)

@@ -20,7 +20,7 @@ random negatives.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -28,8 +28,10 @@ from torch.utils.data import Dataset
 
 from datamodules.bad_samples import SkippedSample, count_reasons
 from datamodules.datasets import PairDataset, _load
-from datamodules.hard_negatives import MinedNegatives
 from datamodules.inputs import AUDIO_SLOT, Collator, EmbedInput
+
+if TYPE_CHECKING:
+    from datamodules.hard_negatives import MinedNegatives
 
 Direction = Literal["a2t", "t2a"]
 DIRECTIONS: tuple[Direction, ...] = ("a2t", "t2a")

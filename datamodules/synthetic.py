@@ -436,6 +436,8 @@ class SyntheticDataModule(RetrievalDataModule):
         num_val: validation clips.
         num_test: test clips.
         num_hard_pairs: mirrored clip pairs of the ``synthetic_order`` test set.
+        extra_test_sets: test on ``synthetic_order`` and ``synthetic_qa`` too; ``False`` tests on
+            ``synthetic`` alone (the re-ranker evaluates one set).
         **kwargs: the loader, cropping and instruction settings of :class:`RetrievalDataModule`
             (``batch_size``, ``num_workers``, ``train_max_seconds``, ``caption_fields``,
             ``bucket_by_duration``, ...); the manifests are the generated ones.
@@ -449,6 +451,7 @@ class SyntheticDataModule(RetrievalDataModule):
         num_val: int = 60,
         num_test: int = 100,
         num_hard_pairs: int = 20,
+        extra_test_sets: bool = True,
         **kwargs,
     ):
         manifests = sorted(
@@ -458,6 +461,7 @@ class SyntheticDataModule(RetrievalDataModule):
             raise ValueError(f"SyntheticDataModule generates its own manifests; remove {manifests}")
         super().__init__(seed=seed, **kwargs)
         self.root = root
+        self.extra_test_sets = extra_test_sets
         self.sizes = {
             "num_train": num_train, "num_val": num_val, "num_test": num_test, "num_hard_pairs": num_hard_pairs
         }  # fmt: skip
@@ -466,9 +470,10 @@ class SyntheticDataModule(RetrievalDataModule):
         paths = make_synthetic_dataset(self.root, self.seed, **self.sizes)
         self.manifests.update(train=paths["train"], val=paths["val"], predict=paths["test"])
         sets = {"synthetic": EvalSet(paths["test"], text_text=True, diagnostics=True)}
-        if self.sizes["num_hard_pairs"]:
-            sets["synthetic_order"] = EvalSet(paths["hard"], hard_negatives=paths["hard_negatives"])
-        sets["synthetic_qa"] = EvalSet(paths["qa"], task="qa")
+        if self.extra_test_sets:
+            if self.sizes["num_hard_pairs"]:
+                sets["synthetic_order"] = EvalSet(paths["hard"], hard_negatives=paths["hard_negatives"])
+            sets["synthetic_qa"] = EvalSet(paths["qa"], task="qa")
         self.named_sets["test"] = sets
 
     def prepare_data(self) -> None:

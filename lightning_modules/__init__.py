@@ -6,6 +6,7 @@ from lightning_modules.adapters import LoraSettings
 from lightning_modules.guide import BagOfWordsGuide, PretrainedTextGuide, TextGuide
 from lightning_modules.heads import Head, IdentityHead, LinearHead, MLPHead, ModalityHeads
 from lightning_modules.module import EmbeddingModule
+from lightning_modules.rerank import RerankModule
 from lightning_modules.poolers import EmbTokenPooler, LastTokenPooler, MeanPooler, Pooler
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "Pooler",
     "PromptTemplates",
     "QwenOmniThinker",
+    "RerankModule",
 ]

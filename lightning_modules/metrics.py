@@ -879,3 +879,35 @@ class QARetrievalAccuracy(Metric):
             categories,
             self.category_names,
         )
+
+
+def score_matrix_metrics(scores: Tensor, relevant: Tensor, prefix: str, chunk_size: int = 256) -> dict[str, Tensor]:
+    """The metrics of :func:`retrieval_metrics` (same tie policy, same numbers) for an explicit
+    ``(Q, C)`` score matrix, e.g. embedding similarities fused with re-ranker scores.
+
+    ``relevant`` is the ``(Q, C)`` boolean relevance; every query needs at least one relevant
+    candidate. Relevant candidates of one query that tie are ordered by column. Keys are
+    ``"<prefix>/R@1"`` ... ``"<prefix>/meanr"``.
+    """
+    if scores.shape != relevant.shape or scores.ndim != 2:
+        raise ValueError(f"scores {tuple(scores.shape)} and relevant {tuple(relevant.shape)} must be the same (Q, C)")
+    num_relevant = relevant.sum(1)
+    if bool((num_relevant == 0).any()):
+        raise ValueError("every query needs at least one relevant candidate")
+    width = int(num_relevant.max())
+    # The relevant columns of each row first, in column order (a stable sort of the relevance flags).
+    probes = (~relevant).to(torch.uint8).argsort(dim=1, stable=True)[:, :width]
+    valid = relevant.gather(1, probes)
+    slots = torch.arange(width, device=scores.device)
+    earlier = slots.view(1, 1, -1) < slots.view(1, -1, 1)
+    ranks = []
+    for begin in range(0, scores.shape[0], chunk_size):
+        rows = slice(begin, begin + chunk_size)
+        block, rel = scores[rows], relevant[rows]
+        probe_scores = block.gather(1, probes[rows])  # (q, P)
+        irrelevant_at_least = ((block.unsqueeze(1) >= probe_scores.unsqueeze(2)) & ~rel.unsqueeze(1)).sum(2)
+        this, other = probe_scores.unsqueeze(2), probe_scores.unsqueeze(1)
+        relevant_before = (((other > this) | ((other == this) & earlier)) & valid[rows].unsqueeze(1)).sum(2)
+        ranks.append(1 + irrelevant_at_least + relevant_before)
+    ranks = torch.cat(ranks).masked_fill(~valid, scores.shape[1] + 1)
+    return {f"{prefix}/{name}": value for name, value in _summarise(ranks, num_relevant).items()}

@@ -168,3 +168,50 @@ class Backbone(RecordsInitArgs, nn.Module, ABC):
     @abstractmethod
     def forward(self, inputs: dict[str, torch.Tensor]) -> BackboneOutput:
         """Run the language model over collated inputs."""
+
+    @abstractmethod
+    def forward_shared_prefix(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Last-layer states ``(N, H)`` at each row's last real token, for collated prompts that share
+        a prefix holding all their audio (one query, N candidates): the prefix runs once, with a
+        key/value cache, and the N remainders run batched on top of it (see
+        :func:`shared_prefix_split`). Equal to reading :meth:`forward` at the same positions, up to
+        float round-off."""
+
+
+def shared_prefix_split(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The longest run of leading real tokens all rows share, and each row's remaining tokens.
+
+    Rows are prompts that differ only after a common prefix (one query, several candidates); padding
+    on either side is ignored. At least one token of every row stays in its remainder, so every row
+    has an answer position of its own.
+    """
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    rows = [ids[i][mask[i]] for i in range(ids.shape[0])]
+    shortest = min(len(row) for row in rows)
+    same = torch.stack([row[:shortest] == rows[0][:shortest] for row in rows]).all(0)
+    length = int(same.long().cumprod(0).sum()) if shortest else 0
+    length = min(length, shortest - 1)
+    return rows[0][:length], [row[length:] for row in rows]
+
+
+def pad_right(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``(ids, mask)`` of token rows."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=rows[0].dtype, device=rows[0].device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=rows[0].device)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def output_cache(output):
+    """The key/value cache of a transformers model output (``cache``, formerly ``past_key_values``)."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
+def cache_keyword(forward) -> str:
+    """transformers renamed ``past_key_values`` to ``cache``; the name this version takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"

@@ -44,7 +44,7 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
 
 from datamodules.inputs import AUDIO_SLOT, EmbedInput
 from lightning_modules.adapters import LoraSettings
-from lightning_modules.backbones.base import Backbone, BackboneOutput
+from lightning_modules.backbones.base import Backbone, BackboneOutput, cache_keyword, output_cache, pad_right, shared_prefix_split
 from lightning_modules.backbones.dasheng import DashengConfig, DashengEncoder, num_encoder_patches
 from lightning_modules.backbones.offline_tokenizer import build_offline_tokenizer
 
@@ -355,7 +355,25 @@ def decoder_hidden_states(
     ``audio`` holds one row per clip, in the order the clips' placeholders appear in the batch.
     """
     text_model = model.decoder.model
-    embeds = text_model.get_input_embeddings()(input_ids)
+    embeds = input_embeddings(model, config, input_ids, audio, audio_lengths, audio_grad)
+    # Right padding: real tokens get positions 0, 1, ... exactly as when run alone.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    output = text_model(
+        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
+    return output.last_hidden_state
+
+
+def input_embeddings(
+    model: nn.Module,
+    config: MiDashengLMConfig,
+    input_ids: torch.Tensor,
+    audio: torch.Tensor | None = None,
+    audio_lengths: torch.Tensor | None = None,
+    audio_grad: bool = True,
+) -> torch.Tensor:
+    """Token embeddings with each clip's projected audio tokens at its placeholders."""
+    embeds = model.decoder.model.get_input_embeddings()(input_ids)
     placeholders = input_ids == config.audio_token_id
     if audio is not None:
         with torch.set_grad_enabled(torch.is_grad_enabled() and audio_grad):
@@ -368,12 +386,7 @@ def decoder_hidden_states(
         embeds = embeds.masked_scatter(placeholders.unsqueeze(-1), audio_tokens.to(embeds.dtype))
     elif placeholders.any():
         raise ValueError(f"input_ids contain {AUDIO_TOKEN} placeholders but no audio was given")
-    # Right padding: real tokens get positions 0, 1, ... exactly as when run alone.
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    output = text_model(
-        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    )
-    return output.last_hidden_state
+    return embeds
 
 
 def _encode_audio(
@@ -607,3 +620,32 @@ class MiDashengLMBackbone(Backbone):
             input_ids=inputs["input_ids"],
             emb_token_id=None,
         )
+
+    def forward_shared_prefix(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        prefix, rests = shared_prefix_split(inputs)
+        if any(bool((rest == self.config.audio_token_id).any()) for rest in rests):
+            raise ValueError("forward_shared_prefix needs every audio token inside the shared prefix")
+        prefix_ids = prefix[None]
+        audio = inputs.get("audio")
+        lengths = inputs.get("audio_lengths")
+        embeds = input_embeddings(
+            self.model, self.config, prefix_ids,
+            None if audio is None else audio[:1], None if lengths is None else lengths[:1],
+        )
+        text_model = self.language_model
+        keyword = cache_keyword(text_model.forward)
+        ones = torch.ones_like(prefix_ids)
+        positions = torch.arange(prefix_ids.shape[1], device=prefix_ids.device)[None]
+        cache = output_cache(text_model(inputs_embeds=embeds, attention_mask=ones, position_ids=positions, use_cache=True))
+        cache.batch_repeat_interleave(len(rests))
+        ids, mask = pad_right(rests, self.tokenizer.pad_token_id)
+        # Right padding: the remainders continue the prefix's positions, as in the whole prompt.
+        positions = (prefix_ids.shape[1] + torch.arange(ids.shape[1], device=ids.device)).expand(*ids.shape)
+        hidden = text_model(
+            inputs_embeds=text_model.get_input_embeddings()(ids),
+            attention_mask=torch.cat([ones.expand(len(rests), -1), mask], dim=1),
+            position_ids=positions,
+            use_cache=False,
+            **{keyword: cache},
+        ).last_hidden_state
+        return hidden[torch.arange(len(rests), device=ids.device), mask.sum(1) - 1]

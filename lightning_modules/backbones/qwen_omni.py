@@ -20,7 +20,7 @@ from transformers import (
 
 from datamodules.inputs import AUDIO_SLOT, EmbedInput
 from lightning_modules.adapters import LoraSettings, local_device
-from lightning_modules.backbones.base import Backbone, BackboneOutput
+from lightning_modules.backbones.base import Backbone, BackboneOutput, cache_keyword, output_cache, pad_right, shared_prefix_split
 from lightning_modules.backbones.offline_tokenizer import build_offline_tokenizer
 
 AUDIO_TOKEN = "<|AUDIO|>"
@@ -377,3 +377,33 @@ class QwenOmniThinker(Backbone):
     def forward(self, inputs: dict[str, torch.Tensor]) -> BackboneOutput:
         out = self.model(**inputs, use_cache=False)
         return BackboneOutput(out.last_hidden_state, inputs["attention_mask"], inputs["input_ids"], self.emb_token_id)
+
+    def forward_shared_prefix(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        prefix, rests = shared_prefix_split(inputs)
+        audio_id = self.model.config.audio_token_id
+        if any(bool((rest == audio_id).any()) for rest in rests):
+            raise ValueError("forward_shared_prefix needs every audio token inside the shared prefix")
+        prefix_ids = prefix[None]
+        ones = torch.ones_like(prefix_ids)
+        prefix_inputs = {"input_ids": prefix_ids, "attention_mask": ones}
+        if "input_features" in inputs:  # the rows' audio is the same clip: the first row's features
+            prefix_inputs["input_features"] = inputs["input_features"][:1]
+            prefix_inputs["feature_attention_mask"] = inputs["feature_attention_mask"][:1]
+        cache = output_cache(self.model(**prefix_inputs, use_cache=True))
+        cache.batch_repeat_interleave(len(rests))
+        # M-RoPE: audio positions advance with time, text after it one per token from the prefix's
+        # largest position on (what the thinker's own 3-D positions give text after the audio).
+        lengths = prefix_inputs["feature_attention_mask"].sum(-1) if "input_features" in inputs else None
+        prefix_positions, _ = self.model.get_rope_index(prefix_ids, attention_mask=ones, audio_seqlens=lengths)
+        ids, mask = pad_right(rests, self.tokenizer.pad_token_id)
+        start = int(prefix_positions.max()) + 1
+        positions = (start + torch.arange(ids.shape[1], device=ids.device)).expand(3, *ids.shape)
+        language_model = self.model.language_model
+        suffix = language_model(
+            inputs_embeds=language_model.get_input_embeddings()(ids),
+            attention_mask=torch.cat([ones.expand(len(rests), -1), mask], dim=1),
+            position_ids=positions,
+            use_cache=False,
+            **{cache_keyword(language_model.forward): cache},
+        ).last_hidden_state
+        return suffix[torch.arange(len(rests), device=ids.device), mask.sum(1) - 1]
