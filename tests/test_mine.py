@@ -10,12 +10,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 from safetensors import safe_open
 
 from datamodules import SyntheticDataModule
 from datamodules.hard_negatives import MinedNegatives, read_mined
 from datamodules.manifest import ManifestError
+from lightning_modules.tools.mine import PredictOutput, mine_negatives
 from main import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,11 +73,16 @@ def brute_force(embeddings_path, rows, threshold):
     """Every clip's negatives in float64 from the embeddings file, by the rule the docs state, best
     first and not cut at k: ``{"id", "audio": [(clip, score)], "text": [(caption id, clip, text, score)]}``."""
     with safe_open(str(embeddings_path), framework="pt") as handle:
-        audio, text = (handle.get_tensor(key).double() for key in ("audio", "text"))
+        audio, text = (handle.get_tensor(key) for key in ("audio", "text"))
     ids = json.loads(embeddings_path.with_suffix(".json").read_text())
+    return brute_force_tensors(audio, text, ids["audio"]["ids"], ids["text"]["ids"], ids["text"]["texts"], rows,
+                               threshold)
+
+
+def brute_force_tensors(audio, text, clip_ids, text_ids, texts, rows, threshold):
+    audio, text = audio.double(), text.double()
     audio = audio / audio.norm(dim=1, keepdim=True)
     text = text / text.norm(dim=1, keepdim=True)
-    clip_ids, text_ids, texts = ids["audio"]["ids"], ids["text"]["ids"], ids["text"]["texts"]
     assert clip_ids == [row["id"] for row in rows]
     owner = [clip_ids.index(text_id.rsplit("#", 1)[0]) for text_id in text_ids]
 
@@ -224,6 +231,40 @@ def test_predict_on_names_the_set_to_embed(run):
     assert [r.id for r in datamodule.predict_records()] == test_ids
     datamodule.predict_on("train")
     assert [r.id for r in datamodule.predict_records()] == [row["id"] for row in read_lines(datamodule.manifests["train"])]
+
+
+def random_split(count=60, seed=0):
+    """Random embeddings of ``count`` clips with 1-3 captions each; some clips share an audio file
+    or a caption."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(count):
+        captions = [f"caption {i} {j}" for j in range(1 + i % 3)]
+        if i % 11 == 5:
+            captions.append(f"Caption {i - 3} 0.")  # shares a caption with clip i - 3
+        audio = f"/data/clip{i - 1 if i % 13 == 7 else i}.wav"  # clip i - 1's file
+        rows.append({"id": f"c{i}", "audio": audio, "caption": captions})
+    text_clip = [i for i, row in enumerate(rows) for _ in row["caption"]]
+    embeddings = PredictOutput(
+        audio=torch.randn(count, 16, generator=generator), text=torch.randn(len(text_clip), 16, generator=generator),
+        text_clip=torch.tensor(text_clip), clip_ids=[row["id"] for row in rows],
+        text_ids=[f"{row['id']}#{j}" for row in rows for j in range(len(row["caption"]))],
+        texts=[c for row in rows for c in row["caption"]],
+    )
+    return rows, embeddings
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("threshold", [None, 0.3])
+def test_mine_negatives_in_many_chunks_matches_the_brute_force(device, threshold):
+    rows, embeddings = random_split()
+    found = list(mine_negatives(embeddings, [row["audio"] for row in rows], k=5, threshold=threshold, chunk_size=7,
+                                device=device, progress=False))
+    expected, _ = brute_force_tensors(embeddings.audio, embeddings.text, embeddings.clip_ids, embeddings.text_ids,
+                                      embeddings.texts, rows, threshold)
+    assert_same_negatives(found, expected, 5)
+    lengths = [len(line[side]) for line in found for side in ("audio", "text")]
+    assert max(lengths) == 5 and (min(lengths) == 5 if threshold is None else min(lengths) < 5)
 
 
 GOOD = {"id": "a", "audio": [{"id": "b", "score": 0.5}], "text": [{"id": "b#1", "clip": "b", "text": "t", "score": 0.4}]}

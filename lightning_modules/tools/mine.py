@@ -345,6 +345,7 @@ def main(args: list[str] | None = None) -> dict[str, Any] | None:
     """Run ``mine``; returns the summary (on the first process; ``None`` on the others)."""
     parser = argparse.ArgumentParser(
         prog="main.py mine",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Mine hard negatives per clip (nearest other clips and their captions) with an embedding "
         "model, as JSON lines for the re-ranker.",
         epilog="Any --data.* or --trainer.* setting of fit overrides the configs (e.g. --trainer.devices 4 "
