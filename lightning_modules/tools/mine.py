@@ -55,8 +55,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import yaml
+from tqdm import tqdm
 
 from datamodules.manifest import ClipRecord
+from lightning_modules.tools.search import ids_path, topk_search
 
 #: AuroLA's similarity threshold for hard negatives.
 DEFAULT_THRESHOLD = 0.4
@@ -94,8 +96,6 @@ def read_predict_output(path: str | Path, records: Sequence[ClipRecord]) -> Pred
             other (the message names the file and the first id that differs).
     """
     from safetensors import safe_open
-
-    from lightning_modules.tools.search import ids_path
 
     path = Path(path)
     if not path.is_file() or not ids_path(path).is_file():
@@ -193,10 +193,6 @@ def mine_negatives(
         device: where the similarities are computed.
         progress: show a progress bar over the query chunks.
     """
-    from tqdm import tqdm
-
-    from lightning_modules.tools.search import topk_search
-
     check_settings(k, threshold)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -213,8 +209,8 @@ def mine_negatives(
         for start in range(0, count, chunk_size):
             stop = min(start + chunk_size, count)
             queries = audio[start:stop]
-            audio_hits = _search(queries, audio, k, duplicates[start:stop], chunk_size, topk_search)
-            text_hits = _search(queries, text, k, excluded_text[start:stop], chunk_size, topk_search)
+            audio_hits = _search(queries, audio, k, duplicates[start:stop], chunk_size)
+            text_hits = _search(queries, text, k, excluded_text[start:stop], chunk_size)
             for offset, (clip_hits, caption_hits) in enumerate(zip(audio_hits, text_hits)):
                 yield {
                     "id": embeddings.clip_ids[start + offset],
@@ -228,7 +224,9 @@ def mine_negatives(
             bar.update(stop - start)
 
 
-def _search(queries, corpus, k, excluded, chunk_size, topk_search) -> list[list[tuple[int, float]]]:
+def _search(
+    queries: torch.Tensor, corpus: torch.Tensor, k: int, excluded: list[list[int]], chunk_size: int
+) -> list[list[tuple[int, float]]]:
     """Per query, its best corpus rows ``(row, score)``, best first, without its excluded rows."""
     if corpus.shape[0] == 0:
         return [[] for _ in excluded]
