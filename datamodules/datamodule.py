@@ -76,7 +76,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         val_sets: named validation sets, e.g. ``{audiocaps: {manifest: ...}, clotho: {manifest: ...,
             text_text: true}}``; excludes ``val_manifest``.
         test_sets: named test sets; excludes ``test_manifest``.
-        predict_manifest: manifest whose clips :meth:`predict_dataloader` embeds.
+        predict_manifest: manifest whose clips :meth:`predict_dataloader` embeds (see also
+            :meth:`predict_on`, which points predict at another split).
         audio_dir: audio folder for ``.json`` list manifests (default: the manifest's folder).
         batch_size: training clips per batch (per device).
         eval_batch_size: clips per evaluation batch; ``None`` uses ``batch_size``.
@@ -187,6 +188,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         #: samples dropped in setup under ``skip``, per record key (``train``, ``val``, ``val/<set name>``, ...).
         self.skipped: dict[str, list[SkippedSample]] = {}
         self._hard_negatives: dict[str, list[HardNegative]] = {}
+        # (split, set name) that predict embeds instead of predict_manifest; see predict_on.
+        self._predict_source: tuple[str, str | None] | None = None
         # durations read by the header scan in setup, so that bucketing does not read the headers again.
         self._header_durations: dict[str, np.ndarray] = {}
         self.sampling_rate: int | None = None
@@ -200,12 +203,54 @@ class RetrievalDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Parse the manifests the stage needs (all of them when ``stage`` is ``None``)."""
         for split in _STAGE_SPLITS.get(stage, tuple(self.manifests)):
-            if split in self.named_sets:
+            if split == "predict" and self._predict_source is not None:
+                self.predict_records()
+            elif split in self.named_sets:
                 for name, _ in self.eval_sets(split):
                     self.set_records(split, name)
                     self.hard_negatives(split, name)
             elif self.manifests[split] is not None:
                 self._split(split)
+
+    def predict_on(self, split: str, name: str | None = None) -> None:
+        """Make ``predict`` embed the clips of ``train``, ``val`` or ``test`` instead of ``predict_manifest``.
+
+        Hard-negative mining (``python main.py mine``) embeds the training clips this way. ``name``
+        picks one named set of ``val`` / ``test``; a split with several named sets needs it. The
+        split is resolved when the clips are first read, so data modules that generate their
+        manifests in :meth:`prepare_data` (:class:`~datamodules.synthetic.SyntheticDataModule`)
+        may be pointed before they exist.
+        """
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"predict_on takes train, val or test, got {split!r}")
+        if split == "train" and name is not None:
+            raise ValueError(f"the train split has no named sets, got {name!r}")
+        self._predict_source = (split, name)
+
+    def predict_records(self) -> list[ClipRecord]:
+        """The clips :meth:`predict_dataloader` embeds, in manifest order (parsed once)."""
+        return self._predict_set()[0]
+
+    def _predict_set(self) -> tuple[list[ClipRecord], str]:
+        """The clips predict embeds and the field holding their texts."""
+        if self._predict_source is None:
+            return self._split("predict"), "caption"
+        split, name = self._predict_source
+        if split == "train":
+            records = self._split("train")
+            if not records:
+                raise ManifestError(f"{self.manifests['train']}: the train set has no clips")
+            return records, "caption"
+        sets = self.eval_sets(split)
+        if not sets:
+            raise ValueError(f"no {split} set: give {split}_manifest or {split}_sets")
+        if name is None and len(sets) > 1:
+            raise ValueError(f"the {split} split has several sets {[n for n, _ in sets]}; name the one to embed")
+        name = sets[0][0] if name is None else name
+        spec = self._eval_set(split, name)
+        if spec.task == "qa":
+            raise ValueError(f"{split} set {name!r} is a QA set; predict embeds clips and their texts")
+        return self.set_records(split, name), spec.text_field
 
     def eval_sets(self, split: str) -> list[tuple[str | None, EvalSet]]:
         """The ``(name, set)`` pairs of ``val`` or ``test``, in loader order.
@@ -311,7 +356,7 @@ class RetrievalDataModule(pl.LightningDataModule):
     def _eval_loader(self, split: str, name: str | None = None) -> DataLoader:
         sampling_rate, _ = self._bound()
         if split == "predict":
-            records, text_field, qa = self._split(split), "caption", None
+            (records, text_field), qa = self._predict_set(), None
         else:
             spec = self._eval_set(split, name)
             records, text_field = self.set_records(split, name), spec.text_field

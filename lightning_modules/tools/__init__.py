@@ -8,7 +8,8 @@ so ``python main.py --help`` and ``check-data`` stay fast and never build a mode
 The tools' library code lives beside them: :mod:`~lightning_modules.tools.export` and
 :mod:`~lightning_modules.tools.encoder` (inference model, ``from_pretrained``),
 :mod:`~lightning_modules.tools.search` (exact top-k), :mod:`~lightning_modules.tools.sweep`,
-:mod:`~lightning_modules.tools.serve` (the demo page; FastAPI is the optional extra ``serve``).
+:mod:`~lightning_modules.tools.serve` (the demo page; FastAPI is the optional extra ``serve``),
+:mod:`~lightning_modules.tools.mine` (hard negatives for the re-ranker).
 ``check-data`` only needs the data layer, so its scan stays in :mod:`datamodules.check` and is
 registered here.
 """
@@ -36,6 +37,7 @@ class Tool:
 TOOLS: dict[str, Tool] = {
     "check-data": Tool("datamodules.check:main", "scan a config's manifests and audio headers for bad samples"),
     "export": Tool("lightning_modules.tools.export:main", "write a checkpoint as a self-contained model directory"),
+    "mine": Tool("lightning_modules.tools.mine:main", "mine hard negatives per clip with an embedding model (re-ranker data)"),
     "search": Tool("lightning_modules.tools.search:main", "exact top-k search between two embeddings files"),
     "serve": Tool("lightning_modules.tools.serve:main", "a retrieval demo page and JSON API over a predict output"),
     "sweep": Tool("lightning_modules.tools.sweep:run_sweep", "run an ablation grid and tabulate the results"),
