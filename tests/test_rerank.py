@@ -8,8 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datamodules.hard_negatives import MinedNegatives, read_mined
-from datamodules.manifest import ManifestError
 from datamodules.rerank import RerankCollator, RerankPrompts
 from lightning_modules import MiDashengLMBackbone, QwenOmniThinker, RerankModule
 from lightning_modules.metrics import retrieval_metrics, score_matrix_metrics
@@ -198,19 +196,3 @@ def test_k_above_the_candidate_count_names_it(monkeypatch):
     module._clips = [{"clip_id": f"c{i}", "clip_index": i, "audio": wave(i), "captions": [CAPTIONS[i]]} for i in range(3)]
     with pytest.raises(ValueError, match="k = 4 exceeds the 3 candidates"):
         module._evaluate("val", choose_alpha=True)
-
-
-# ---------- mined negatives ----------
-
-
-def test_mined_file_bad_input_names_the_line(tmp_path):
-    path = tmp_path / "mined.jsonl"
-    good = '{"id": "a", "audio": [{"id": "b", "score": 0.5}], "text": [{"id": "b#0", "clip": "b", "text": "x", "score": 0.4}]}'
-    path.write_text(good + "\n")
-    assert read_mined(str(path), ["a", "b"]) == {"a": MinedNegatives([("b", 0.5)], [("b#0", "x", 0.4)])}
-    path.write_text(good + "\n" + good.replace('"b"', '"zz"', 1) + "\n")
-    with pytest.raises(ManifestError, match=r"mined.jsonl:2: clip id 'zz'"):
-        read_mined(str(path), ["a", "b"])
-    path.write_text("{not json\n")
-    with pytest.raises(ManifestError, match=r"mined.jsonl:1"):
-        read_mined(str(path), ["a", "b"])
