@@ -7,6 +7,7 @@ Items are dicts consumed by the model's collator::
         "documents": list[EmbedInput],    # text side: one caption in training, all in evaluation
         "clip_index": int,                # position of the clip in the record list
         "clip_id": str,
+        "source": str,                    # "manifest:line" of the row, for error messages
         "caption_kind": str,              # caption field the document came from, or "qa"
         "tags": list[str],
     }
@@ -36,10 +37,11 @@ from datamodules.bad_samples import BadSamplePolicy, SkippedSample
 from datamodules.manifest import ClipRecord
 from lightning_modules.inputs import EmbedInput
 
-__all__ = ["EpochSampler", "EvalDataset", "PairDataset"]
+__all__ = ["EpochSampler", "EvalDataset", "PairDataset", "qa_query_text"]
 
 
-def _qa_query_text(record: ClipRecord) -> str:
+def qa_query_text(record: ClipRecord) -> str:
+    """The text side of an audio-QA row's query: its question, then its choices if it has any."""
     text = record.extra["question"]
     choices = record.texts("choices")
     if choices:
@@ -50,7 +52,7 @@ def _qa_query_text(record: ClipRecord) -> str:
 def _query(record: ClipRecord, wave: np.ndarray, instruction: str | None, ask: bool = True) -> EmbedInput:
     """The query side; QA rows add their question unless ``ask`` is false (e.g. speech→text retrieval)."""
     instruction = record.extra.get("instruction", instruction)
-    text = _qa_query_text(record) if record.is_qa and ask else None
+    text = qa_query_text(record) if record.is_qa and ask else None
     return EmbedInput(audio=wave, text=text, instruction=instruction)
 
 
@@ -79,6 +81,7 @@ def _item(
         "documents": [EmbedInput(text=text, instruction=instruction) for text in texts],
         "clip_index": index,
         "clip_id": record.id,
+        "source": record.source,
         "caption_kind": kind,
         "tags": record.tags,
     }

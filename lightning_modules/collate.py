@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from datamodules.bad_samples import SkippedSample, count_reasons
+from datamodules.text_limits import PromptTooLongError
 from lightning_modules.backbones.base import Collator
 from lightning_modules.inputs import EmbedInput
 
@@ -34,6 +35,12 @@ class PairCollator:
     (``{reason: count}``, empty when none). When every example of a batch was skipped, the batch is
     ``{"empty": True, "skipped": {...}}`` only; :class:`EmbeddingModule` steps return at once for it
     (no loss, no optimiser step, nothing embedded).
+
+    The backbone collator's :meth:`truncate` cuts each side's texts to its ``max_text_tokens`` (see
+    :mod:`datamodules.text_limits`); the inputs it cut are counted in ``batch["truncated"]``
+    (``{"query": n, "document": m}``) and ``texts`` holds the documents as embedded. A prompt over
+    ``max_prompt_tokens`` stops with a :class:`~datamodules.text_limits.PromptTooLongError` naming
+    the example's ``source`` (``manifest:line``) and clip id.
     """
 
     def __init__(self, backbone_collator: Collator):
@@ -44,18 +51,20 @@ class PairCollator:
         examples = [ex for ex in examples if not isinstance(ex, SkippedSample)]
         if not examples:
             return {"empty": True, "skipped": skipped}
-        queries = [ex["query"] for ex in examples]
-        documents, document_index, document_key = [], [], []
-        for ex in examples:
+        queries, truncated_queries = self.backbone_collator.truncate([ex["query"] for ex in examples])
+        documents, document_owner, document_index, document_key = [], [], [], []
+        for owner, ex in enumerate(examples):
             if len(ex["documents"]) > MAX_DOCS_PER_CLIP:
                 raise ValueError(f"clip {ex.get('clip_id')} has more than {MAX_DOCS_PER_CLIP} documents")
             for j, doc in enumerate(ex["documents"]):
                 documents.append(doc)
+                document_owner.append(owner)
                 document_index.append(ex["clip_index"])
                 document_key.append(ex["clip_index"] * MAX_DOCS_PER_CLIP + j)
+        documents, truncated_documents = self.backbone_collator.truncate(documents)
         batch = {
-            "query": self.backbone_collator(queries),
-            "document": self.backbone_collator(documents),
+            "query": self._side(queries, examples, "query"),
+            "document": self._side(documents, [examples[i] for i in document_owner], "document"),
             "query_modality": side_modality(queries),
             "document_modality": side_modality(documents),
             "query_index": torch.tensor([ex["clip_index"] for ex in examples], dtype=torch.long),
@@ -66,6 +75,7 @@ class PairCollator:
             "caption_kinds": [ex.get("caption_kind", "caption") for ex in examples],
             "tags": [ex.get("tags", []) for ex in examples],
             "skipped": skipped,
+            "truncated": {"query": truncated_queries, "document": truncated_documents},
         }
         if "answer_slot" in examples[0]:  # QA by retrieval: the document key of each query's answer
             batch["answer_key"] = torch.tensor(
@@ -73,3 +83,13 @@ class PairCollator:
             )
             batch["category_index"] = torch.tensor([ex["category_index"] for ex in examples], dtype=torch.long)
         return batch
+
+    def _side(self, items: list[EmbedInput], owners: list[dict[str, Any]], side: str) -> dict[str, torch.Tensor]:
+        """The backbone inputs of one side; ``owners[i]`` is the example input ``i`` comes from."""
+        try:
+            return self.backbone_collator(items)
+        except PromptTooLongError as err:
+            owner = owners[err.index]
+            where = owner.get("source") or f"clip index {owner['clip_index']}"
+            message = f"{where} (clip '{owner.get('clip_id')}'), {side} side: {err}"
+            raise PromptTooLongError(message, err.index, err.tokens, err.limit) from None

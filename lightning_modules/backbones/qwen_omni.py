@@ -17,6 +17,13 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
+from datamodules.text_limits import (
+    DEFAULT_MAX_PROMPT_TOKENS,
+    DEFAULT_MAX_TEXT_TOKENS,
+    check_limits,
+    check_prompt_lengths,
+    truncate_inputs,
+)
 from lightning_modules.adapters import LoraSettings, add_lora, freeze, local_device, quantize_linear_4bit
 from lightning_modules.backbones.base import Backbone, BackboneOutput
 from lightning_modules.backbones.offline_tokenizer import build_offline_tokenizer
@@ -100,6 +107,10 @@ class QwenOmniCollator:
     the longest clip are dropped. Valid frames are identical to the official processor's. Clips
     shorter than :data:`MIN_AUDIO_FRAMES` hops are zero-padded to it, so that every clip gets at
     least one audio token.
+
+    Texts and instructions are cut to ``max_text_tokens`` tokens first (:meth:`truncate`), and a
+    prompt longer than ``max_prompt_tokens`` raises
+    :class:`~datamodules.text_limits.PromptTooLongError` (see :mod:`datamodules.text_limits`).
     """
 
     def __init__(
@@ -108,11 +119,20 @@ class QwenOmniCollator:
         feature_extractor: WhisperFeatureExtractor,
         prompts: PromptTemplates,
         padding_side: str = "left",
+        max_text_tokens: int | None = DEFAULT_MAX_TEXT_TOKENS,
+        max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS,
     ):
+        check_limits(max_text_tokens, max_prompt_tokens)
         self.tokenizer = tokenizer
         self.feature_extractor = feature_extractor
         self.prompts = prompts
         self.padding_side = padding_side
+        self.max_text_tokens = max_text_tokens
+        self.max_prompt_tokens = max_prompt_tokens
+
+    def truncate(self, items: list[EmbedInput]) -> tuple[list[EmbedInput], int]:
+        """The inputs with their texts cut to ``max_text_tokens``, and how many were cut."""
+        return truncate_inputs(self.tokenizer, items, self.max_text_tokens)
 
     def features(self, waves: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         fe = self.feature_extractor
@@ -138,6 +158,7 @@ class QwenOmniCollator:
         return out["input_features"][..., :frames], out["attention_mask"][:, :frames]
 
     def __call__(self, items: list[EmbedInput]) -> dict[str, torch.Tensor]:
+        items, _ = self.truncate(items)
         texts = [self.prompts.render(item) for item in items]
         batch: dict[str, torch.Tensor] = {}
         waves = [item.audio for item in items if item.audio is not None]
@@ -151,6 +172,7 @@ class QwenOmniCollator:
             batch["input_features"] = features
             batch["feature_attention_mask"] = mask
         enc = self.tokenizer(texts, padding=True, padding_side=self.padding_side, return_tensors="pt")
+        check_prompt_lengths(enc["attention_mask"].sum(-1).tolist(), self.max_prompt_tokens)
         batch["input_ids"] = enc["input_ids"]
         batch["attention_mask"] = enc["attention_mask"]
         return batch
@@ -265,6 +287,10 @@ class QwenOmniThinker(Backbone):
         freeze_audio_encoder: freeze the audio tower and keep it in eval mode.
         seed: random seed of the tiny model's initialisation.
         tiny_width: hidden width of the tiny model's audio tower and language model.
+        max_text_tokens: every text and instruction of an input is cut to this many tokens
+            (AuroLA: 480); the cut inputs are counted (``data/truncated/...``). ``None``: no cut.
+        max_prompt_tokens: a longer prompt (template, texts and audio tokens) stops with an error
+            naming the row (AuroLA: 1024). ``None``: no limit.
     """
 
     sampling_rate = 16000
@@ -284,6 +310,8 @@ class QwenOmniThinker(Backbone):
         freeze_audio_encoder: bool = False,
         seed: int = 0,
         tiny_width: int = 32,
+        max_text_tokens: int | None = DEFAULT_MAX_TEXT_TOKENS,
+        max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS,
     ):
         super().__init__()
         if tiny == (name_or_path is not None):
@@ -316,7 +344,9 @@ class QwenOmniThinker(Backbone):
             self.frozen_in_eval.append("model.audio_tower")
         self.model = model
         self.hidden_size = model.config.text_config.hidden_size
-        self._collator = QwenOmniCollator(tokenizer, feature_extractor, prompts or PromptTemplates(), padding_side)
+        self._collator = QwenOmniCollator(
+            tokenizer, feature_extractor, prompts or PromptTemplates(), padding_side, max_text_tokens, max_prompt_tokens
+        )
 
     @property
     def language_model(self) -> torch.nn.Module:
