@@ -94,7 +94,9 @@ class PreemptionCheckpoint(Callback):
         if not received:
             return
         self.path = os.path.join(self._folder(trainer), f"{self.filename}.ckpt")
-        trainer.save_checkpoint(self.path)
+        # The full training state, to resume from: Lightning's flag means "save only the weights" (unset,
+        # it logs its default). The file still loads with torch.load(weights_only=True).
+        trainer.save_checkpoint(self.path, weights_only=False)
         if trainer.is_global_zero:
             log.warning("%s: saved %s at global step %d; resume with --ckpt_path %s",
                         ", ".join(s.name for s in received), self.path, trainer.global_step, self.path)

@@ -8,6 +8,7 @@ import torch
 
 from datamodules.bad_samples import SkippedSample, count_reasons
 from datamodules.inputs import Collator, EmbedInput
+from datamodules.text_limits import PromptTooLongError
 from losses.structure import BatchInfo
 from losses.tag_clusters import TagClusterMap
 
@@ -30,15 +31,20 @@ class PairCollator:
     metadata (``clip_id``, ``audio_path``, ``caption_kind``, ``tags``). The batch holds the backbone
     inputs of both sides, their modalities, the clip index of every query and document, unique
     document keys, the clips' string ``clip_ids`` (for messages) and ``audio_paths``, the document
-    ``texts``, and ``info``, the
-    :class:`~losses.structure.BatchInfo` the loss receives (clip indices, texts, caption kinds and
-    tag clusters, mapped through ``tag_clusters``).
+    ``texts``, and for training batches ``info``, the :class:`~losses.structure.BatchInfo` the loss
+    receives (clip indices, texts, caption kinds and tag clusters, mapped through ``tag_clusters``).
 
     Examples a dataset skipped (:class:`~datamodules.bad_samples.SkippedSample` markers, under the
     ``skip`` bad-sample policy) are dropped, never replaced, and counted in ``batch["skipped"]``
     (``{reason: count}``, empty when none). When every example of a batch was skipped, the batch is
     ``{"empty": True, "skipped": {...}}`` only; :class:`EmbeddingModule` steps return at once for it
     (no loss, no optimiser step, nothing embedded).
+
+    The backbone collator's :meth:`truncate` cuts each side's texts to its ``max_text_tokens`` (see
+    :mod:`datamodules.text_limits`); the inputs it cut are counted in ``batch["truncated"]``
+    (``{"query": n, "document": m}``) and ``texts`` holds the documents as embedded. A prompt over
+    ``max_prompt_tokens`` stops with a :class:`~datamodules.text_limits.PromptTooLongError` naming
+    the example's ``source`` (``manifest:line``) and clip id.
 
     Args:
         backbone_collator: the backbone's input builder.
@@ -55,21 +61,22 @@ class PairCollator:
         examples = [ex for ex in examples if not isinstance(ex, SkippedSample)]
         if not examples:
             return {"empty": True, "skipped": skipped}
-        queries = [ex["query"] for ex in examples]
-        documents, document_index, document_key = [], [], []
-        for ex in examples:
+        queries, truncated_queries = self.backbone_collator.truncate([ex["query"] for ex in examples])
+        documents, document_owner, document_index, document_key = [], [], [], []
+        for owner, ex in enumerate(examples):
             if len(ex["documents"]) > MAX_DOCS_PER_CLIP:
                 raise ValueError(f"clip {ex.get('clip_id')} has more than {MAX_DOCS_PER_CLIP} documents")
             for j, doc in enumerate(ex["documents"]):
                 documents.append(doc)
+                document_owner.append(owner)
                 document_index.append(ex["clip_index"])
                 document_key.append(ex["clip_index"] * MAX_DOCS_PER_CLIP + j)
+        documents, truncated_documents = self.backbone_collator.truncate(documents)
         query_index = torch.tensor([ex["clip_index"] for ex in examples], dtype=torch.long)
         texts = [doc.text for doc in documents]
-        caption_kinds = [ex.get("caption_kind", "caption") for ex in examples]
         batch = {
-            "query": self.backbone_collator(queries),
-            "document": self.backbone_collator(documents),
+            "query": self._side(queries, examples, "query"),
+            "document": self._side(documents, [examples[i] for i in document_owner], "document"),
             "query_modality": side_modality(queries),
             "document_modality": side_modality(documents),
             "query_index": query_index,
@@ -79,12 +86,13 @@ class PairCollator:
             "clip_ids": [ex.get("clip_id", str(ex["clip_index"])) for ex in examples],
             "audio_paths": [ex.get("audio_path") for ex in examples],
             "skipped": skipped,
+            "truncated": {"query": truncated_queries, "document": truncated_documents},
         }
         if len(documents) == len(examples):  # training: one document per query, the loss's pairs
             batch["info"] = BatchInfo(
                 clip_index=query_index,
                 texts=texts,
-                caption_kinds=caption_kinds,
+                caption_kinds=[ex.get("caption_kind", "caption") for ex in examples],
                 tag_clusters=[self.tag_clusters.clusters_for(ex.get("tags", [])) for ex in examples],
             )
         if "answer_slot" in examples[0]:  # QA by retrieval: the document key of each query's answer
@@ -93,3 +101,13 @@ class PairCollator:
             )
             batch["category_index"] = torch.tensor([ex["category_index"] for ex in examples], dtype=torch.long)
         return batch
+
+    def _side(self, items: list[EmbedInput], owners: list[dict[str, Any]], side: str) -> dict[str, torch.Tensor]:
+        """The backbone inputs of one side; ``owners[i]`` is the example input ``i`` comes from."""
+        try:
+            return self.backbone_collator(items)
+        except PromptTooLongError as err:
+            owner = owners[err.index]
+            where = owner.get("source") or f"clip index {owner['clip_index']}"
+            message = f"{where} (clip '{owner.get('clip_id')}'), {side} side: {err}"
+            raise PromptTooLongError(message, err.index, err.tokens, err.limit) from None

@@ -20,7 +20,7 @@ from datamodules.hard_negatives import read_mined
 from datamodules.rerank import RerankPairDataset
 from datamodules.eval_sets import DIRECTION_NAMES, EvalSet, HardNegative, qa_layout, read_hard_negatives
 from datamodules.manifest import ClipRecord, ManifestError, read_manifest, screen_audio
-from datamodules.resume import ResumableSampler, resume_position
+from datamodules.resume import ResumableSampler, resume_loader, resume_position
 
 __all__ = ["RetrievalDataModule"]
 
@@ -51,8 +51,9 @@ class RetrievalDataModule(pl.LightningDataModule):
     out, different ones each epoch.
 
     Resuming from a mid-epoch checkpoint, the train loader starts after the batches already trained
-    in that epoch (see :mod:`datamodules.resume`), so the resumed run sees the same batches as an
-    uninterrupted one.
+    in that epoch, so the resumed run sees the same batches as an uninterrupted one. The position is
+    part of every checkpoint (:meth:`state_dict`), because Lightning may build the train loader
+    before it restores its own counters (see :mod:`datamodules.resume`).
 
     Multi-process training (DDP, FSDP): the data module shards every loader itself, the way
     Lightning would (the train clips over the ranks; validation and test with
@@ -194,6 +195,9 @@ class RetrievalDataModule(pl.LightningDataModule):
         self._header_durations: dict[str, np.ndarray] = {}
         self.sampling_rate: int | None = None
         self.collate_fn: Callable[[list[dict[str, Any]]], Any] | None = None
+        # (epoch, batches done) restored from a checkpoint, and the last train loader built.
+        self._resume: tuple[int, int] | None = None
+        self._train_loader: DataLoader | None = None
 
     def bind(self, sampling_rate: int, collate_fn: Callable[[list[dict[str, Any]]], Any]) -> None:
         """Set the model's audio sampling rate (Hz) and the function that collates item dicts."""
@@ -409,9 +413,6 @@ class RetrievalDataModule(pl.LightningDataModule):
             records = self._split("train")
             mined = read_mined(self.mined_negatives, [record.id for record in records])
             dataset = RerankPairDataset(dataset, mined, self.num_negatives, self.negative_directions)
-        # Lightning creates the first epoch's iterator before its first set_epoch call, so start
-        # at the epoch it resumes, after the batches a mid-epoch checkpoint has already trained.
-        epoch, done = resume_position(self.trainer)
         world, rank = self._world()
         if self.bucket_by_duration:
             # Lightning keeps the flag on its private accelerator connector. Where it cannot be read,
@@ -431,14 +432,42 @@ class RetrievalDataModule(pl.LightningDataModule):
                 num_replicas=world,
                 rank=rank,
             )
-            batches.resume_at(epoch, done)
             # batch_size=1 is DataLoader's neutral value next to a batch_sampler.
-            return self._loader(dataset, 1, batch_sampler=batches)
-        # What Lightning injects under use_distributed_sampler=True; given here so that False shards
-        # too. EpochSampler already shuffles, and the wrapper forwards set_epoch to it.
-        sampler = ResumableSampler(EpochSampler(len(dataset), shuffle=True, seed=self.seed), world, rank)
-        sampler.resume_at(epoch, done * self.batch_size)
-        return self._loader(dataset, self.batch_size, sampler=sampler, drop_last=True)
+            loader = self._loader(dataset, 1, batch_sampler=batches)
+        else:
+            # What Lightning injects under use_distributed_sampler=True; given here so that False
+            # shards too. EpochSampler already shuffles, and the wrapper forwards set_epoch to it.
+            sampler = ResumableSampler(EpochSampler(len(dataset), shuffle=True, seed=self.seed), world, rank)
+            loader = self._loader(dataset, self.batch_size, sampler=sampler, drop_last=True)
+        # Lightning creates the first epoch's iterator before its first set_epoch call, so start at
+        # the epoch it resumes, after the batches a mid-epoch checkpoint has already trained.
+        position = self._resume if self._resume is not None else resume_position(self.trainer)
+        self._resume = None
+        resume_loader(loader, *position)
+        self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: where the next training batch belongs, ``(epoch, batches of
+        it done)`` (see :mod:`datamodules.resume`)."""
+        return {"train_position": list(resume_position(self.trainer))}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training data where a checkpoint's :meth:`state_dict` says (only when fitting:
+        ``validate`` and ``test`` read checkpoints too). A train loader Lightning has already built
+        is moved in place; otherwise the next one starts there."""
+        fitting = self.trainer is None or self.trainer.state.fn == "fit"
+        if "train_position" not in state_dict or not fitting:
+            return
+        epoch, done = state_dict["train_position"]
+        if self._train_loader is None:
+            self._resume = (epoch, done)
+        else:
+            resume_loader(self._train_loader, epoch, done, started=True)
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":  # a later fit builds its own loader, from its own position
+            self._train_loader, self._resume = None, None
 
     def _eval_loaders(self, split: str) -> DataLoader | list[DataLoader]:
         """One loader per evaluation set (a bare loader for a single set; ``[]`` for none)."""

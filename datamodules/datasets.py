@@ -8,6 +8,7 @@ Items are dicts consumed by the model's collator::
         "clip_index": int,                # position of the clip in the record list
         "clip_id": str,
         "audio_path": str,                # the clip's audio file, as the manifest resolved it
+        "source": str,                    # "manifest:line" of the row, for error messages
         "caption_kind": str,              # caption field the document came from, or "qa"
         "tags": list[str],
     }
@@ -37,10 +38,11 @@ from datamodules.bad_samples import BadSamplePolicy, SkippedSample
 from datamodules.manifest import ClipRecord
 from datamodules.inputs import EmbedInput
 
-__all__ = ["EpochSampler", "EvalDataset", "PairDataset"]
+__all__ = ["EpochSampler", "EvalDataset", "PairDataset", "qa_query_text"]
 
 
-def _qa_query_text(record: ClipRecord) -> str:
+def qa_query_text(record: ClipRecord) -> str:
+    """The text side of an audio-QA row's query: its question, then its choices if it has any."""
     text = record.extra["question"]
     choices = record.texts("choices")
     if choices:
@@ -51,7 +53,7 @@ def _qa_query_text(record: ClipRecord) -> str:
 def _query(record: ClipRecord, wave: np.ndarray, instruction: str | None, ask: bool = True) -> EmbedInput:
     """The query side; QA rows add their question unless ``ask`` is false (e.g. speech→text retrieval)."""
     instruction = record.extra.get("instruction", instruction)
-    text = _qa_query_text(record) if record.is_qa and ask else None
+    text = qa_query_text(record) if record.is_qa and ask else None
     return EmbedInput(audio=wave, text=text, instruction=instruction)
 
 
@@ -81,6 +83,7 @@ def _item(
         "clip_index": index,
         "clip_id": record.id,
         "audio_path": record.audio_path,
+        "source": record.source,
         "caption_kind": kind,
         "tags": record.tags,
     }

@@ -31,7 +31,7 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
-from datamodules.manifest import ClipRecord, ManifestError
+from datamodules.manifest import ClipRecord, ManifestError, open_manifest
 
 __all__ = ["EvalSet", "HardNegative", "qa_layout", "read_hard_negatives"]
 
@@ -91,7 +91,7 @@ def read_hard_negatives(path: str, records: list[ClipRecord]) -> list[HardNegati
     index = {record.id: i for i, record in enumerate(records)}
     triples: list[HardNegative] = []
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open_manifest(path)
     except OSError as err:
         raise ManifestError(f"hard-negative file cannot be read: {path} ({err.strerror})") from err
     with handle:

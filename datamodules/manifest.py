@@ -25,6 +25,10 @@ JSON list (as AuroLA/WavCaps ship AudioCaps and Clotho)::
 
 ``video_id`` (or ``id``) names a file in ``audio_dir``; when no file has exactly that name, the
 extensions .wav .flac .ogg .mp3 are tried in turn. A top-level ``{"data": [...]}`` is accepted too.
+
+Manifests are UTF-8, with or without the byte-order mark that Windows tools and spreadsheets write
+at the start of a file: every manifest reader opens its file with :func:`open_manifest`, which drops
+a leading BOM (a BOM anywhere else is still an error of its row).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 from datamodules.audio import AudioDecodeError, audio_duration
 from datamodules.bad_samples import (
@@ -52,6 +56,7 @@ __all__ = [
     "AUDIO_EXTENSIONS",
     "ClipRecord",
     "ManifestError",
+    "open_manifest",
     "read_json_list",
     "read_jsonl",
     "read_manifest",
@@ -130,6 +135,12 @@ class ClipRecord:
         if value is None:
             return []
         return [value] if isinstance(value, str) else list(value)
+
+
+def open_manifest(path: str, newline: str | None = None) -> TextIO:
+    """Open a manifest (JSONL, JSON list, CSV, hard-negative triples) for reading as UTF-8, without a
+    leading byte-order mark if it has one. CSV readers pass ``newline=""``, as :mod:`csv` asks."""
+    return open(path, encoding="utf-8-sig", newline=newline)
 
 
 def _error(where: str, message: str, reason: str | None, path: str = "") -> ManifestError:
@@ -253,7 +264,7 @@ def read_jsonl(path: str, problems: list[SkippedSample] | None = None) -> list[C
     base = os.path.dirname(os.path.abspath(path))
     records: list[ClipRecord] = []
     seen: dict[str, str] = {}
-    with open(path, encoding="utf-8") as handle:
+    with open_manifest(path) as handle:
         for line_no, line in enumerate(handle, start=1):
             if line.strip():
                 _keep(records, seen, problems, _jsonl_row, line, f"{path}:{line_no}", base)
@@ -298,7 +309,7 @@ def read_json_list(
             given), the message giving ``path:entry N`` (N is the 0-based list index).
     """
     audio_dir = audio_dir if audio_dir is not None else os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as handle:
+    with open_manifest(path) as handle:
         try:
             data = json.load(handle)
         except json.JSONDecodeError as err:

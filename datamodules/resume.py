@@ -1,16 +1,25 @@
 """Mid-epoch resume of the training data.
 
-Lightning 2.6 restores its loop counters from a checkpoint before it asks the data module for the
-train loader, but it cannot fast-forward a map-style loader: after a mid-epoch checkpoint it warns
-("your dataloader is not resumable"), continues ``batch_idx`` from the restored count, ends the
-epoch when that count reaches the epoch's length, and meanwhile iterates the loader from its start,
-so the resumed epoch sees its first batches again and never its last ones.
+Lightning 2.6 restores its loop counters from a checkpoint, but it cannot fast-forward a map-style
+loader: after a mid-epoch checkpoint it warns ("your dataloader is not resumable"), continues
+``batch_idx`` from the restored count, ends the epoch when that count reaches the epoch's length,
+and meanwhile iterates the loader from its start, so the resumed epoch sees its first batches again
+and never its last ones.
 
-:func:`resume_position` reads where the next batch belongs from the restored counters, and the
-training samplers start that epoch there (:class:`ResumableSampler`, and
-:meth:`~datamodules.bucketing.DurationBatchSampler.resume_at` with duration bucketing): the loader
-keeps the full epoch's length (Lightning counts the skipped batches as done), and the batches left
-out are never loaded.
+:func:`resume_position` reads where the next batch belongs from the loop counters, and the training
+samplers start that epoch there (:class:`ResumableSampler`, and
+:meth:`~datamodules.bucketing.DurationBatchSampler.resume_at` with duration bucketing;
+:func:`resume_loader` moves either): the loader keeps the full epoch's length (Lightning counts the
+skipped batches as done), and the batches left out are never loaded.
+
+The counters cannot be read when the loader is built: Lightning builds the train loader *before* it
+restores them whenever ``configure_optimizers`` asks for ``trainer.estimated_stepping_batches``
+with ``max_epochs`` set (the LR schedule's length; ``max_steps`` alone needs no loader), and then
+keeps that loader, and the iterator it started, for the resumed epoch. So the position travels in
+the data module's own checkpoint state (:meth:`~datamodules.datamodule.RetrievalDataModule.state_dict`,
+written with every checkpoint), which Lightning hands back before ``configure_optimizers`` on one
+device and under DDP, and after it under FSDP2 (``ModelParallelStrategy``) and DeepSpeed; a loader
+already built by then is moved in place, its persistent workers restarted on the new indices.
 """
 
 from __future__ import annotations
@@ -21,9 +30,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
-__all__ = ["ResumableSampler", "resume_position"]
+from datamodules.bucketing import DurationBatchSampler
+
+__all__ = ["ResumableSampler", "resume_loader", "resume_position"]
 
 
 def resume_position(trainer: pl.Trainer | None) -> tuple[int, int]:
@@ -78,3 +89,24 @@ class ResumableSampler(DistributedSamplerWrapper):
         # two iterators when it starts and uses the second.
         resumed, skip = self._resume
         return islice(super().__iter__(), skip if self.epoch == resumed else 0, None)
+
+
+def resume_loader(loader: DataLoader, epoch: int, done: int, started: bool = False) -> None:
+    """Make a train loader of :class:`~datamodules.datamodule.RetrievalDataModule` start at
+    ``epoch`` after its first ``done`` batches (a position from :func:`resume_position`).
+
+    Its sampler moves: :class:`ResumableSampler` by ``done`` × batch size indices,
+    :class:`~datamodules.bucketing.DurationBatchSampler` by ``done`` batches. The sampler is read
+    when the first batch is fetched, so an iterator without workers picks the move up even if it
+    was created before; persistent workers queue indices as soon as their iterator is created, so a
+    loader that was already iterated (``started``) restarts them on the moved sampler (``iter`` of a
+    persistent-worker loader resets the one iterator it keeps, the one Lightning holds).
+    """
+    if isinstance(loader.batch_sampler, DurationBatchSampler):
+        loader.batch_sampler.resume_at(epoch, done)
+    elif isinstance(loader.sampler, ResumableSampler):
+        loader.sampler.resume_at(epoch, done * loader.batch_size)
+    else:
+        raise TypeError(f"cannot resume a loader whose sampler is {type(loader.sampler).__name__}")
+    if started and loader.num_workers > 0:
+        iter(loader)

@@ -396,8 +396,14 @@ def test_datamodule_error_policy_names_row_and_file(tmp_path):
     assert info.value.reason == "non_finite"
 
 
-def _identity_collator(items):
-    return {"n": len(items)}
+class _CountingCollator:
+    """A backbone collator stand-in that only counts its inputs (and cuts no text)."""
+
+    def truncate(self, items):
+        return list(items), 0
+
+    def __call__(self, items):
+        return {"n": len(items)}
 
 
 def test_datamodule_skip_policy_counts_and_drops(tmp_path):
@@ -412,7 +418,7 @@ def test_datamodule_skip_policy_counts_and_drops(tmp_path):
     assert datamodule.skipped_counts("train") == _expected_setup_counts()
     assert datamodule.skipped_counts("val") == {}
 
-    datamodule.bind(RATE, PairCollator(_identity_collator))
+    datamodule.bind(RATE, PairCollator(_CountingCollator()))
     loaded, skipped = 0, {}
     for batch in datamodule.train_dataloader():  # batches of 3 that lose their bad clips
         for reason, count in batch["skipped"].items():
@@ -431,7 +437,7 @@ def test_datamodule_skip_policy_counts_and_drops(tmp_path):
 
 
 def test_collator_flags_a_batch_whose_samples_were_all_skipped():
-    collate = PairCollator(_identity_collator)
+    collate = PairCollator(_CountingCollator())
     markers = [SkippedSample("decode_error", "m.jsonl:1", "a.flac"), SkippedSample("non_finite", "m.jsonl:2", "b.wav")]
     assert collate(markers) == {"empty": True, "skipped": {"decode_error": 1, "non_finite": 1}}
     with pytest.raises(ValueError, match="unknown bad-sample reason"):
@@ -539,14 +545,16 @@ def test_check_data_on_a_recipe_without_its_data(capsys):
 
 
 class RankSkips(pl.LightningModule):
-    """A model-less module whose every batch reports ``rank + 1`` clips that failed to decode."""
+    """A model-less module whose every batch reports ``rank + 1`` clips that failed to decode and
+    ``rank + 1`` documents whose text was cut."""
 
     def __init__(self):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
 
     def train_dataloader(self):
-        batches = [{"x": torch.ones(1), "skipped": {"decode_error": self.global_rank + 1}}] * 3
+        counts = self.global_rank + 1
+        batches = [{"x": torch.ones(1), "skipped": {"decode_error": counts}, "truncated": {"document": counts}}] * 3
         return torch.utils.data.DataLoader(batches, batch_size=None)
 
     def training_step(self, batch, batch_idx):
@@ -563,3 +571,4 @@ def test_report_sums_the_ranks(tmp_path):
                          enable_model_summary=False, callbacks=[SkippedSampleReport()], default_root_dir=tmp_path)  # fmt: skip
     trainer.fit(RankSkips())
     assert trainer.callback_metrics["data/skipped/train/decode_error"] == 3 * (1 + 2)
+    assert trainer.callback_metrics["data/truncated/train/document"] == 3 * (1 + 2)

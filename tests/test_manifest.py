@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 
@@ -9,7 +10,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from datamodules.manifest import ClipRecord, ManifestError, read_json_list, read_jsonl, read_manifest
+from datamodules.eval_sets import HardNegative, read_hard_negatives
+from datamodules.manifest import (
+    ClipRecord,
+    ManifestError,
+    open_manifest,
+    read_json_list,
+    read_jsonl,
+    read_manifest,
+)
 
 
 def _touch_audio(path) -> str:
@@ -166,3 +175,46 @@ def test_record_texts_for_unknown_field():
     record = ClipRecord(id="x", audio_path="x.wav", captions=["c"], extra={"caption_short": ["s1", "s2"]})
     assert record.texts("caption_short") == ["s1", "s2"]
     assert record.texts("nothing") == [] and record.tags == [] and not record.is_qa
+
+
+BOM = "\ufeff"  # encoded as EF BB BF, as Windows tools and spreadsheets start UTF-8 files
+
+
+def test_a_leading_byte_order_mark_is_accepted(audio_root, tmp_path):
+    """Every format, written with a BOM, reads as without one: the same records, the first field's
+    name intact; a BOM past the start is still a bad row."""
+    rows = [json.dumps({"id": "a", "audio": "clips/a.wav", "caption": "a dog barks"}),
+            json.dumps({"id": "b", "audio": "clips/b.wav", "caption": "rain"})]  # fmt: skip
+    plain, marked = tmp_path / "plain.jsonl", tmp_path / "marked.jsonl"
+    plain.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    marked.write_bytes((BOM + "\n".join(rows) + "\n").encode("utf-8"))
+    assert marked.read_bytes()[:3] == b"\xef\xbb\xbf"
+    with pytest.raises(json.JSONDecodeError, match="BOM"):
+        json.loads(marked.read_text(encoding="utf-8").splitlines()[0])  # what a plain UTF-8 read gives
+    assert read_manifest(str(marked)) == [
+        ClipRecord(r.id, r.audio_path, r.captions, r.extra, r.source.replace("plain", "marked"))
+        for r in read_manifest(str(plain))
+    ]
+
+    entries = tmp_path / "list.json"
+    entries.write_bytes((BOM + json.dumps([{"video_id": "a", "caption": ["one", "two"]}])).encode("utf-8"))
+    assert [r.captions for r in read_json_list(str(entries), str(audio_root / "clips"))] == [["one", "two"]]
+
+    table = tmp_path / "clotho_captions_evaluation.csv"
+    table.write_bytes((BOM + "file_name,caption_1\r\na.wav,\"a dog, barking\"\r\n").encode("utf-8"))
+    with open_manifest(str(table), newline="") as handle:
+        assert list(csv.DictReader(handle)) == [{"file_name": "a.wav", "caption_1": "a dog, barking"}]
+
+    inner = tmp_path / "inner.jsonl"
+    inner.write_bytes((rows[0] + "\n" + BOM + rows[1] + "\n").encode("utf-8"))
+    with pytest.raises(ManifestError, match=rf"{inner}:2: invalid JSON") as info:
+        read_manifest(str(inner))
+    assert info.value.reason == "invalid_json"
+
+
+def test_hard_negative_files_accept_a_byte_order_mark(audio_root, tmp_path):
+    manifest = _write_lines(tmp_path / "m.jsonl", [json.dumps({"id": i, "audio": f"clips/{i}.wav", "caption": i})
+                                                   for i in ("a", "b")])  # fmt: skip
+    triples = tmp_path / "hard.jsonl"
+    triples.write_bytes((BOM + json.dumps({"query": "a dog", "target": "a", "negative": "b"}) + "\n").encode("utf-8"))
+    assert read_hard_negatives(str(triples), read_manifest(manifest)) == [HardNegative("a dog", 0, 1)]

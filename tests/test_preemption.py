@@ -27,6 +27,7 @@ def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes(tmp_path, tmp_path
     checkpoint = preempted / "lightning_logs" / "version_0" / "checkpoints" / "preempted.ckpt"
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 6
     assert f"SIGTERM: saved {checkpoint} at global step 6" in log_of(preempted)
+    assert "weights_only" not in log_of(preempted)  # the full state is saved on purpose (issue 17)
     assert not (preempted / "weights.pt").exists()  # written at the end of training, which never came
 
     resumed = tmp_path / "resumed"

@@ -1,9 +1,11 @@
 """Exact resume: a run killed with SIGKILL mid-epoch and resumed from its last checkpoint ends with the
 trainable weights of the uninterrupted run, bit for bit (CPU).
 
-The end-to-end runs come from ``tests/dist_scripts/resume_run.py`` (the tiny ALM2Vec setup: LoRA
-with dropout, so the random states matter, learnable τ, 2 epochs × 4 steps, a checkpoint after every
-step). The other tests pin down the pieces: where the data loader resumes, and the random states.
+The end-to-end runs come from ``tests/dist_scripts/resume_run.py``: the tiny ALM2Vec setup (LoRA
+with dropout, so the random states matter, learnable τ) with ``max_steps``, and the demo
+(``configs/demo.yaml``) with ``max_epochs`` on each data module, ``SyntheticDataModule`` and
+``RetrievalDataModule`` on JSONL manifests; 2 epochs × 4 steps, a checkpoint after every step. The
+other tests pin down the pieces: where the data loader resumes, and the random states.
 """
 
 import os
@@ -16,12 +18,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules import RetrievalDataModule, SyntheticDataModule
 from datamodules.bucketing import DurationBatchSampler
 from datamodules.datasets import EpochSampler
 from datamodules.resume import ResumableSampler, resume_position
 from dist_scripts.resume_run import (
     data_root,
     finish,
+    jsonl_manifests,
     last_checkpoint,
     log_of,
     reference_weights,
@@ -32,16 +36,23 @@ from callbacks.rng_state import capture_rng_state, restore_rng_state
 
 
 @pytest.mark.parametrize(
-    ("variant", "kill_at", "options"),
+    ("variant", "kill_at", "options", "trained"),
     [
         # Automatic optimisation, no workers, the CLI's checkpoint settings: Lightning defers step
         # checkpoints until validation has logged the monitored metric, so the kill is in epoch 1.
-        ("plain", 6, []),
+        ("plain", 6, [], ["loss.temperature.log_scale", "lora_A"]),
         # GradCache with learnable τ, 2 persistent workers, duration bucketing; killed in epoch 0.
-        ("grad_cache", 2, ["--checkpoint.monitor", "null"]),
+        ("grad_cache", 2, ["--checkpoint.monitor", "null"], ["loss.temperature.log_scale", "lora_A"]),
+        # The demo's max_epochs: Lightning builds the train loader before it restores the checkpoint
+        # (issue 17: the resumed epoch replayed its first batches). Killed in epoch 1.
+        ("demo", 6, ["--checkpoint.monitor", "null"], ["backbone.model.language_model"]),
+        # The same on JSONL manifests, with 2 persistent workers and duration bucketing.
+        ("jsonl", 5, ["--checkpoint.monitor", "null"], ["backbone.model.language_model"]),
     ],
 )
-def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, tmp_path_factory, variant, kill_at, options):
+def test_killed_run_resumes_to_the_uninterrupted_weights(
+    tmp_path, tmp_path_factory, variant, kill_at, options, trained
+):
     expected = reference_weights(tmp_path_factory, variant, *options)
     data = data_root(tmp_path_factory)
     killed = run(tmp_path / "killed", variant, data, "--wait-at", str(kill_at), *options)
@@ -56,7 +67,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, tmp_path_fact
     assert status == 0, log_of(resumed)
     weights = torch.load(resumed / "weights.pt")
     assert weights.keys() == expected.keys()
-    assert "loss.temperature.log_scale" in weights and any("lora_A" in name for name in weights)
+    assert all(any(part in name for name in weights) for part in trained)
     for name, tensor in expected.items():
         assert torch.equal(weights[name], tensor), name
 
@@ -120,6 +131,57 @@ def test_resumed_epoch_starts_after_the_trained_batches(workers, bucketing):
     assert resumed[0] == whole[0][2:]
     assert resumed[1] == whole[1]
     assert whole[0] != whole[1]
+
+
+def clip_indices(items: list[dict]) -> list[int]:
+    return [item["clip_index"] for item in items]
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """What Lightning does before each epoch: ``set_epoch`` on the sampler and the batch sampler's."""
+    for sampler in {id(s): s for s in (loader.sampler, getattr(loader.batch_sampler, "sampler", None))}.values():
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("kind", ["synthetic", "jsonl_bucketing"])
+def test_a_loader_built_before_the_restore_is_moved_in_place(tmp_path, tmp_path_factory, kind, workers):
+    """Under FSDP2 (ModelParallelStrategy) Lightning restores the data module's state after
+    ``configure_optimizers`` has built and started the train loader (``max_epochs``). Restoring the
+    position of a checkpoint written after step 2 of epoch 1 then moves that loader, and the iterator
+    already started yields the uninterrupted epoch 1 after its first 2 batches."""
+    root = data_root(tmp_path_factory)
+    common = dict(batch_size=4, num_workers=workers, duration_cache_dir=str(root / "durations"))
+
+    def datamodule():
+        if kind == "synthetic":
+            module = SyntheticDataModule(root=str(root), num_train=32, num_val=8, num_test=8, **common)
+        else:
+            module = RetrievalDataModule(train_manifest=jsonl_manifests(root)["train"], bucket_by_duration=True,
+                                         **common)  # fmt: skip
+        module.setup("fit")
+        module.bind(16000, clip_indices)
+        return module
+
+    whole = datamodule().train_dataloader()
+    set_epoch(whole, 1)
+    expected = list(whole)
+
+    module = datamodule()
+    loader = module.train_dataloader()  # before the restore: a fresh run's position
+    started = iter(loader)
+    torch.save({"train_position": [1, 2]}, tmp_path / "state.ckpt")  # as a checkpoint carries it
+    module.load_state_dict(torch.load(tmp_path / "state.ckpt", weights_only=True))
+    set_epoch(loader, 1)
+    assert len(loader) == len(expected) == 8
+    assert list(started) == expected[2:]
+
+
+def test_the_datamodule_state_holds_the_position_of_the_next_batch():
+    module = RetrievalDataModule(train_manifest="unused.jsonl")
+    module.trainer = progress((2, 1), 3, False)  # saved after step 3 of epoch 1
+    assert module.state_dict() == {"train_position": [1, 3]}
 
 
 def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):

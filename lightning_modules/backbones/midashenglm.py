@@ -43,6 +43,13 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
 )
 
 from datamodules.inputs import AUDIO_SLOT, EmbedInput
+from datamodules.text_limits import (
+    DEFAULT_MAX_PROMPT_TOKENS,
+    DEFAULT_MAX_TEXT_TOKENS,
+    check_limits,
+    check_prompt_lengths,
+    truncate_inputs,
+)
 from lightning_modules.adapters import LoraSettings
 from lightning_modules.backbones.base import Backbone, BackboneOutput, cache_keyword, output_cache, pad_right, shared_prefix_split
 from lightning_modules.backbones.dasheng import DashengConfig, DashengEncoder, num_encoder_patches
@@ -438,7 +445,9 @@ class MiDashengLMCollator:
 
     Output keys: ``input_ids`` and ``attention_mask`` (right-padded), and when the batch has audio,
     ``audio`` ``(clips, samples)`` float32 right-padded with zeros and ``audio_lengths`` in samples;
-    clips appear in batch order. Clips under 0.2 s are zero-padded to 0.2 s.
+    clips appear in batch order. Clips under 0.2 s are zero-padded to 0.2 s. Texts and instructions
+    are cut to ``max_text_tokens`` tokens first (:meth:`truncate`), and a prompt longer than
+    ``max_prompt_tokens`` raises :class:`~datamodules.text_limits.PromptTooLongError`.
 
     Args:
         tokenizer: the checkpoint's tokenizer (it must know the prompt's special tokens).
@@ -446,14 +455,26 @@ class MiDashengLMCollator:
         system_prompt: text of the system turn, or ``None`` for no system turn.
         generation_prompt: end each prompt where the assistant's answer begins (see
             :meth:`~lightning_modules.backbones.base.Backbone.collator`).
+        max_text_tokens: tokens kept of each text and instruction (``None``: all).
+        max_prompt_tokens: the longest prompt accepted (``None``: any).
     """
 
     tokenizer: PreTrainedTokenizerBase
     config: MiDashengLMConfig
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     generation_prompt: bool = False
+    max_text_tokens: int | None = DEFAULT_MAX_TEXT_TOKENS
+    max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS
+
+    def __post_init__(self) -> None:
+        check_limits(self.max_text_tokens, self.max_prompt_tokens)
+
+    def truncate(self, items: list[EmbedInput]) -> tuple[list[EmbedInput], int]:
+        """The inputs with their texts cut to ``max_text_tokens``, and how many were cut."""
+        return truncate_inputs(self.tokenizer, items, self.max_text_tokens)
 
     def __call__(self, items: list[EmbedInput]) -> dict[str, torch.Tensor]:
+        items, _ = self.truncate(items)
         prompts, clips = [], []
         for item in items:
             num_audio_tokens = 0
@@ -469,6 +490,7 @@ class MiDashengLMCollator:
         encoded = self.tokenizer(
             prompts, add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt"
         )
+        check_prompt_lengths(encoded["attention_mask"].sum(-1).tolist(), self.max_prompt_tokens)
         batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
         if clips:
             lengths = [clip.shape[0] for clip in clips]
@@ -515,6 +537,10 @@ class MiDashengLMBackbone(Backbone):
             linear layers are quantised to NF4 after loading, on this process's device (QLoRA).
         gradient_checkpointing: recompute the text decoder's activations in the backward pass
             (non-reentrant; composes with FSDP2, whose hooks stay outside the recomputed region).
+        max_text_tokens: every text and instruction of an input is cut to this many tokens
+            (AuroLA's 480); the cut inputs are counted (``data/truncated/...``). ``None``: no cut.
+        max_prompt_tokens: a longer prompt (instruction, texts and audio tokens) stops with an
+            error naming the row (AuroLA's 1024). ``None``: no limit.
     """
 
     sampling_rate = 16000
@@ -530,6 +556,8 @@ class MiDashengLMBackbone(Backbone):
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
         lora: LoraSettings | None = None,
         gradient_checkpointing: bool = False,
+        max_text_tokens: int | None = DEFAULT_MAX_TEXT_TOKENS,
+        max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS,
     ) -> None:
         super().__init__(name_or_path, tiny, dtype)
         if tiny and trust_remote_code:
@@ -561,6 +589,9 @@ class MiDashengLMBackbone(Backbone):
         self.hidden_size = self.config.text_config.hidden_size
         self.system_prompt = system_prompt
         self.freeze_audio_encoder = freeze_audio_encoder
+        check_limits(max_text_tokens, max_prompt_tokens)
+        self.max_text_tokens = max_text_tokens
+        self.max_prompt_tokens = max_prompt_tokens
         self.setup_training(lora, freeze_audio_encoder, gradient_checkpointing)
 
     def _check_tokenizer(self) -> None:
@@ -599,7 +630,10 @@ class MiDashengLMBackbone(Backbone):
         return list(self.model.decoder.lm_head.parameters())
 
     def collator(self, generation_prompt: bool = False) -> MiDashengLMCollator:
-        return MiDashengLMCollator(self.tokenizer, self.config, self.system_prompt, generation_prompt)
+        return MiDashengLMCollator(
+            self.tokenizer, self.config, self.system_prompt, generation_prompt,
+            max_text_tokens=self.max_text_tokens, max_prompt_tokens=self.max_prompt_tokens,
+        )
 
     def shard_units(self) -> list[nn.Module]:
         return [*self.language_model.layers, *self.audio_encoder.blocks]

@@ -19,6 +19,13 @@ from transformers import (
 )
 
 from datamodules.inputs import AUDIO_SLOT, EmbedInput
+from datamodules.text_limits import (
+    DEFAULT_MAX_PROMPT_TOKENS,
+    DEFAULT_MAX_TEXT_TOKENS,
+    check_limits,
+    check_prompt_lengths,
+    truncate_inputs,
+)
 from lightning_modules.adapters import LoraSettings, local_device
 from lightning_modules.backbones.base import Backbone, BackboneOutput, cache_keyword, output_cache, pad_right, shared_prefix_split
 from lightning_modules.backbones.offline_tokenizer import build_offline_tokenizer
@@ -120,6 +127,10 @@ class QwenOmniCollator:
     the longest clip are dropped. Valid frames are identical to the official processor's. Clips
     shorter than :data:`MIN_AUDIO_FRAMES` hops are zero-padded to it, so that every clip gets at
     least one audio token.
+
+    Texts and instructions are cut to ``max_text_tokens`` tokens first (:meth:`truncate`), and a
+    prompt longer than ``max_prompt_tokens`` raises
+    :class:`~datamodules.text_limits.PromptTooLongError` (see :mod:`datamodules.text_limits`).
     """
 
     def __init__(
@@ -129,12 +140,21 @@ class QwenOmniCollator:
         prompts: PromptTemplates,
         padding_side: str = "left",
         generation_prompt: bool = False,
+        max_text_tokens: int | None = DEFAULT_MAX_TEXT_TOKENS,
+        max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS,
     ):
+        check_limits(max_text_tokens, max_prompt_tokens)
         self.tokenizer = tokenizer
         self.feature_extractor = feature_extractor
         self.prompts = prompts
         self.padding_side = padding_side
         self.generation_prompt = generation_prompt
+        self.max_text_tokens = max_text_tokens
+        self.max_prompt_tokens = max_prompt_tokens
+
+    def truncate(self, items: list[EmbedInput]) -> tuple[list[EmbedInput], int]:
+        """The inputs with their texts cut to ``max_text_tokens``, and how many were cut."""
+        return truncate_inputs(self.tokenizer, items, self.max_text_tokens)
 
     def features(self, waves: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         fe = self.feature_extractor
@@ -160,6 +180,7 @@ class QwenOmniCollator:
         return out["input_features"][..., :frames], out["attention_mask"][:, :frames]
 
     def __call__(self, items: list[EmbedInput]) -> dict[str, torch.Tensor]:
+        items, _ = self.truncate(items)
         texts = [self.prompts.render(item, self.generation_prompt) for item in items]
         batch: dict[str, torch.Tensor] = {}
         waves = [item.audio for item in items if item.audio is not None]
@@ -173,6 +194,7 @@ class QwenOmniCollator:
             batch["input_features"] = features
             batch["feature_attention_mask"] = mask
         enc = self.tokenizer(texts, padding=True, padding_side=self.padding_side, return_tensors="pt")
+        check_prompt_lengths(enc["attention_mask"].sum(-1).tolist(), self.max_prompt_tokens)
         batch["input_ids"] = enc["input_ids"]
         batch["attention_mask"] = enc["attention_mask"]
         return batch
@@ -296,6 +318,10 @@ class QwenOmniThinker(Backbone):
         tiny_width: hidden width of the tiny model's audio tower and language model.
         lm_head: keep the thinker's LM head (frozen), exposed as :attr:`output_head`, for scoring
             answer tokens (the re-ranker).
+        max_text_tokens: every text and instruction of an input is cut to this many tokens
+            (AuroLA: 480); the cut inputs are counted (``data/truncated/...``). ``None``: no cut.
+        max_prompt_tokens: a longer prompt (template, texts and audio tokens) stops with an error
+            naming the row (AuroLA: 1024). ``None``: no limit.
     """
 
     sampling_rate = 16000
@@ -316,8 +342,13 @@ class QwenOmniThinker(Backbone):
         seed: int = 0,
         tiny_width: int = 32,
         lm_head: bool = False,
+        max_text_tokens: int | None = DEFAULT_MAX_TEXT_TOKENS,
+        max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS,
     ):
         super().__init__(name_or_path, tiny, dtype)
+        check_limits(max_text_tokens, max_prompt_tokens)
+        self.max_text_tokens = max_text_tokens
+        self.max_prompt_tokens = max_prompt_tokens
         quantize_at_load = lora is not None and lora.quantize_4bit and not tiny
         if tiny:
             model, tokenizer, feature_extractor = tiny_components(seed, tiny_width, lm_head)
@@ -369,7 +400,8 @@ class QwenOmniThinker(Backbone):
         return [self.model.audio_tower.audio_bos_eos_token]
 
     def collator(self, generation_prompt: bool = False) -> QwenOmniCollator:
-        return QwenOmniCollator(*self._collator_args, generation_prompt=generation_prompt)
+        return QwenOmniCollator(*self._collator_args, generation_prompt=generation_prompt,
+                                max_text_tokens=self.max_text_tokens, max_prompt_tokens=self.max_prompt_tokens)
 
     def shard_units(self) -> list[torch.nn.Module]:
         return [*self.model.language_model.layers, *self.model.audio_tower.layers]

@@ -1,5 +1,5 @@
-"""Short ``main.py fit`` runs of the tiny ALM2Vec setup (MiDashengLM with LoRA dropout, learnable τ) on
-synthetic data, in their own process, for tests/test_resume.py and tests/test_preemption.py.
+"""Short ``main.py fit`` runs of tiny setups on synthetic data, in their own process, for
+tests/test_resume.py and tests/test_preemption.py.
 
     python tests/dist_scripts/resume_run.py OUT VARIANT [--wait-at STEP] [--ckpt_path CKPT] [main.py options]
 
@@ -10,8 +10,13 @@ to ``OUT/weights.pt``. ``--wait-at STEP`` writes ``OUT/waiting`` when step STEP 
 predecessor's checkpoint is on disk) and then waits until a preemption signal has been noted, or
 60 s, so that the test can kill or signal the process there. Variants:
 
-- ``plain``: automatic optimisation, no data-loader workers;
-- ``grad_cache``: GradCache (chunks of 4), 2 persistent workers, duration bucketing.
+- ``plain``: the tiny ALM2Vec setup (MiDashengLM with LoRA dropout, learnable τ), ``max_steps``,
+  automatic optimisation, no data-loader workers;
+- ``grad_cache``: the same with GradCache (chunks of 4), 2 persistent workers, duration bucketing;
+- ``demo``: ``configs/demo.yaml`` (tiny Qwen2.5-Omni thinker, ``SyntheticDataModule``) with
+  ``max_epochs``, which makes Lightning build the train loader before it restores a checkpoint;
+- ``jsonl``: the demo model with ``max_epochs`` on ``RetrievalDataModule`` reading the synthetic
+  data's JSONL manifests, 2 persistent workers, duration bucketing.
 
 The helpers below start the script (``run``), wait for it and compute, once per test session, the
 weights of the uninterrupted run the tests compare with (``reference_weights``).
@@ -30,27 +35,47 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 8
+_ALM2VEC = ["alm2vec.yaml", "tiny/alm2vec.yaml"]
+_WORKERS_AND_BUCKETS = ["--data.init_args.num_workers", "2", "--data.init_args.bucket_by_duration", "true"]
 VARIANTS = {
-    "plain": ["--model.grad_cache_chunk_size", "null"],
-    "grad_cache": ["--model.grad_cache_chunk_size", "4", "--data.init_args.num_workers", "2",
-                   "--data.init_args.bucket_by_duration", "true"],
-}
+    "plain": (_ALM2VEC, ["--model.grad_cache_chunk_size", "null"]),
+    "grad_cache": (_ALM2VEC, ["--model.grad_cache_chunk_size", "4", *_WORKERS_AND_BUCKETS]),
+    "demo": (["demo.yaml"], []),
+    "jsonl": (["demo.yaml"], _WORKERS_AND_BUCKETS),
+}  # fmt: skip
+
+
+def jsonl_manifests(data_root: Path) -> dict[str, str]:
+    """The synthetic data of the runs (made on first use), as JSONL manifests."""
+    from datamodules.synthetic import make_synthetic_dataset
+
+    return make_synthetic_dataset(str(data_root), num_train=32, num_val=8, num_test=8)
 
 
 def cli_args(out: Path, variant: str, data_root: Path) -> list[str]:
-    configs = REPO / "configs"
-    return [
-        "fit", "--config", str(configs / "alm2vec.yaml"), "--config", str(configs / "tiny" / "alm2vec.yaml"),
-        "--trainer.default_root_dir", str(out), "--trainer.max_steps", str(STEPS),
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1",
-        "--data.init_args.root", str(data_root), "--data.init_args.num_train", "32",
-        "--data.init_args.num_val", "8", "--data.init_args.num_test", "8", "--data.init_args.batch_size", "8",
+    configs, options = VARIANTS[variant]
+    args = ["fit"]
+    for config in configs:
+        args += ["--config", str(REPO / "configs" / config)]
+    if variant == "jsonl":
+        manifests = jsonl_manifests(data_root)
+        args += ["--data", "RetrievalDataModule", "--data.init_args.train_manifest", manifests["train"],
+                 "--data.init_args.val_manifest", manifests["val"]]
+    else:
+        args += ["--data.init_args.root", str(data_root), "--data.init_args.num_train", "32",
+                 "--data.init_args.num_val", "8", "--data.init_args.num_test", "8"]
+    args += [
+        "--trainer.default_root_dir", str(out), "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "0",
+        "--trainer.log_every_n_steps", "1", "--data.init_args.batch_size", "8",
         "--data.init_args.duration_cache_dir", str(data_root / "durations"),
-        "--model.backbone.init_args.lora.dropout", "0.1",
         "--checkpoint.every_n_train_steps", "1", "--min_free_gb", "0",
-        *VARIANTS[variant],
     ]
+    if configs == _ALM2VEC:
+        args += ["--trainer.max_steps", str(STEPS), "--model.backbone.init_args.lora.dropout", "0.1"]
+    else:
+        args += ["--trainer.max_epochs", str(STEPS // 4), "--test_after_fit", "false"]
+    return args + options  # fmt: skip
 
 
 def run(out: Path, variant: str, data_root: Path, *extra: str) -> subprocess.Popen:
