@@ -42,8 +42,10 @@ for other GPUs).
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +121,18 @@ def qwen_thinker_config(tiny: bool):
     )
 
 
+def materialise(model: nn.Module, device: torch.device) -> nn.Module:
+    """Allocate a meta-device ``model`` in bfloat16 on ``device``, uninitialised, except that the
+    BatchNorm running statistics are reset (mean 0, variance 1): no initialiser below touches these
+    buffers, and whatever the fresh memory held (NaN included) would reach the eval-mode audio
+    encoder's output."""
+    model = model.to(torch.bfloat16).to_empty(device=device)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+    return model
+
+
 def build_qwen(args: argparse.Namespace, device: torch.device) -> Built:
     from transformers import Qwen2_5OmniThinkerModel
 
@@ -127,7 +141,7 @@ def build_qwen(args: argparse.Namespace, device: torch.device) -> Built:
     with torch.device("meta"):
         model = Qwen2_5OmniThinkerModel(config)
     del model.visual
-    model = model.to(torch.bfloat16).to_empty(device=device)
+    model = materialise(model, device)
     # HF's initialiser also recomputes the buffers (rotary frequencies, sinusoidal positions).
     model.apply(model._init_weights)
     g = torch.Generator().manual_seed(0)
@@ -161,7 +175,7 @@ def build_midashenglm(args: argparse.Namespace, device: torch.device) -> Built:
     config = MiDashengLMConfig.tiny() if args.tiny else MiDashengLMConfig.midashenglm_7b()
     with torch.device("meta"):
         model = MiDashengLM(config, args.attn)
-    model = model.to(torch.bfloat16).to_empty(device=device)
+    model = materialise(model, device)
     text_model = model.decoder.model
     text_model.apply(text_model._init_weights)
     for module in (model.audio_encoder, model.audio_projector, model.decoder.lm_head):
@@ -284,12 +298,22 @@ def bench(name: str, qlora: bool, checkpointing: bool, args: argparse.Namespace,
     }
 
 
-def format_table(rows: list[dict]) -> str:
-    keys = list(rows[0])
-    cells = [[f"{row[k]:.1f}" if isinstance(row[k], float) else str(row[k]) for k in keys] for row in rows]
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(row) + " |" for row in cells]
-    return "\n".join(lines)
+COLUMNS = ["model", "QLoRA", "act. ckpt", "tokens/step", "step ms", "tokens/s", "TFLOP/s", "MFU %", "peak GiB"]
+
+
+def table_header() -> str:
+    return "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
+
+
+def table_row(row: dict) -> str:
+    return "| " + " | ".join(f"{row[k]:.1f}" if isinstance(row[k], float) else str(row[k]) for k in COLUMNS) + " |"
+
+
+def error_row(name: str, qlora: bool, checkpointing: bool, error: BaseException) -> str:
+    """The row of a configuration that failed: the error's type and first line instead of figures."""
+    message = (str(error).strip().splitlines() or [""])[0][:200]
+    cells = [name, "yes" if qlora else "no", "yes" if checkpointing else "no", f"failed: {type(error).__name__}: {message}"]
+    return "| " + " | ".join(cells) + " |"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,21 +343,28 @@ def main(argv: list[str] | None = None) -> int:
               "was measured. Run it on an H100/H200, or pass --tiny to check the script on this CPU.")
         return 0
     choices = {"both": (False, True), "yes": (True,), "no": (False,)}
-    rows = []
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (tiny shapes)"
+    print(f"{device_name}; {args.pairs} pairs of {args.audio_seconds:g} s clips and {args.text_tokens}-token "
+          f"documents; bf16, LoRA r=16 on q/k/v; MFU against {args.peak_tflops:g} TFLOP/s")
+    print(table_header(), flush=True)
+    # Each row prints as soon as it is measured, and a failing row (out of memory, a missing attention
+    # kernel, a bug) is reported in its place: a run cut short or failing half-way keeps what it measured.
+    failed = 0
     for name in args.models:
         for qlora in choices[args.qlora]:
             for checkpointing in choices[args.checkpointing]:
                 try:
-                    rows.append(bench(name, qlora, checkpointing, args, device))
-                except torch.cuda.OutOfMemoryError:
-                    print(f"{name} QLoRA={qlora} checkpointing={checkpointing}: out of memory")
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (tiny shapes)"
-    print(f"{device_name}; {args.pairs} pairs of {args.audio_seconds:g} s clips and {args.text_tokens}-token "
-          f"documents; bf16, LoRA r=16 on q/k/v; MFU against {args.peak_tflops:g} TFLOP/s")
-    if rows:
-        print(format_table(rows))
-    return 0
-
+                    line = table_row(bench(name, qlora, checkpointing, args, device))
+                except Exception as error:  # noqa: BLE001 - reported in the table, the other rows go on
+                    failed += 1
+                    line = error_row(name, qlora, checkpointing, error)
+                    traceback.print_exc(file=sys.stderr)
+                finally:
+                    gc.collect()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                print(line, flush=True)
+    return 1 if failed else 0
 
 if __name__ == "__main__":
     sys.exit(main())

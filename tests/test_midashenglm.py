@@ -93,6 +93,23 @@ def test_log_mel_matches_numpy_reference():
     np.testing.assert_allclose(ours, reference, atol=1e-4)
 
 
+def test_log_mel_ignores_bf16_autocast():
+    """Under ``bf16-mixed`` the model runs inside autocast, which would compute the filterbank
+    product in bfloat16; the front end switches it off: float32 output, the float32 values, for one
+    clip and for a padded batch with lengths."""
+    model = tiny_model()
+    rng = np.random.default_rng(1)
+    waves = torch.from_numpy((0.3 * rng.standard_normal((2, 9000))).astype(np.float32))
+    lengths = torch.tensor([9000, 5000])
+    waves[1, 5000:] = 0.0
+    plain = (model.audio_encoder.front_end(waves[:1]), model.audio_encoder.log_mel(waves, lengths))
+    with torch.autocast("cpu", torch.bfloat16):
+        mixed = (model.audio_encoder.front_end(waves[:1]), model.audio_encoder.log_mel(waves, lengths))
+    for got, want in zip(mixed, plain):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- tiny model helpers
 def tiny_model(seed: int = 0) -> MiDashengLM:
     torch.manual_seed(seed)

@@ -15,7 +15,7 @@ from torch import nn
 from dist_scripts.train_tiny import examples
 from lightning_modules import EmbeddingModule, EmbTokenPooler, LastTokenPooler, LinearHead, MiDashengLMBackbone
 from lightning_modules import QwenOmniThinker
-from lightning_modules.adapters import LoraSettings, quantize_linear_4bit
+from lightning_modules.adapters import LoraSettings, local_device, quantize_linear_4bit
 from lightning_modules.backbones.qwen_omni import tiny_components
 from losses import InfoNCE
 
@@ -69,6 +69,17 @@ def test_language_model_linears_are_nf4_and_only_adapters_train(kind):
     assert type(q_proj).__module__ == "peft.tuners.lora.bnb"
 
 
+def assert_runs_where_quantised(loaded) -> None:
+    """The loaders quantise on this process's device (the GPU where there is one, as Lightning will
+    place the model); the rest of the model and the inputs follow it there, as under the Trainer."""
+    device = local_device()
+    assert all(layer.weight.device.type == device.type for layer in base_layers(loaded.language_model))
+    loaded.to(device)
+    inputs = loaded.collator()([examples()[0]["query"], examples()[1]["documents"][0]])
+    inputs = {key: value.to(device) for key, value in inputs.items()}
+    assert torch.isfinite(loaded.train()(inputs).hidden_states).all()
+
+
 def test_quantised_layer_keeps_the_weights():
     """NF4 keeps 16 levels per 64-weight block: the output moves by the quantisation error only."""
     torch.manual_seed(0)
@@ -109,8 +120,7 @@ def test_qwen_from_pretrained_loads_nf4(tmp_path):
     feature_extractor.save_pretrained(tmp_path)
     loaded = QwenOmniThinker(name_or_path=str(tmp_path), lora=QLORA, freeze_audio_encoder=True)
     assert_quantised(loaded, QLORA)
-    inputs = loaded.collator()([examples()[0]["query"], examples()[1]["documents"][0]])
-    assert torch.isfinite(loaded.train()(inputs).hidden_states).all()
+    assert_runs_where_quantised(loaded)
 
 
 def test_midashenglm_loader_quantises_after_loading(tmp_path):
@@ -119,5 +129,4 @@ def test_midashenglm_loader_quantises_after_loading(tmp_path):
     write_official_checkpoint(tiny_model(), tmp_path)
     loaded = MiDashengLMBackbone(name_or_path=str(tmp_path), lora=QLORA)
     assert_quantised(loaded, QLORA)
-    inputs = loaded.collator()([examples()[0]["query"], examples()[1]["documents"][0]])
-    assert torch.isfinite(loaded.train()(inputs).hidden_states).all()
+    assert_runs_where_quantised(loaded)

@@ -18,6 +18,22 @@ from datamodules.inputs import Collator
 from lightning_modules.adapters import LoraSettings, add_lora, freeze, local_device, quantize_linear_4bit
 from lightning_modules.init_args import RecordsInitArgs
 
+#: why training under Lightning's "true" half precisions is refused, and what to use instead.
+HALF_PRECISION_TRAINING = (
+    "training with precision 'bf16-true' or '16-true' is not supported: Lightning casts every weight to "
+    "half precision, the trainable LoRA adapters, head and temperature included, and AdamW's state with "
+    "them, so that small updates round away (in a 20-step probe τ never moved). Use "
+    "--trainer.precision bf16-mixed with --model.backbone.init_args.dtype bfloat16: the frozen weights "
+    "are then bfloat16 and the trainable weights and the optimiser state float32"
+)
+
+
+def _refuse_half_precision_training(backbone: nn.Module, args: tuple) -> None:
+    # Lightning's HalfPrecision plugin sets the default dtype for the forward pass; that, in training
+    # mode, is how 'bf16-true' and '16-true' show themselves here (their inference use is allowed).
+    if backbone.training and torch.get_default_dtype() in (torch.bfloat16, torch.float16):
+        raise RuntimeError(HALF_PRECISION_TRAINING)
+
 
 @dataclass
 class BackboneOutput:
@@ -57,6 +73,10 @@ class Backbone(RecordsInitArgs, nn.Module, ABC):
     reducer refuses trainable parameters without gradients), QLoRA quantisation, LoRA and freezing
     the audio path. Everything other code relies on is declared here.
 
+    Trainable weights (adapters, unfrozen towers) and their optimiser state must stay float32 while
+    frozen weights may be bfloat16 (``dtype``) under ``bf16-mixed`` autocast; a training forward pass
+    under Lightning's ``bf16-true`` / ``16-true``, which cast every weight, is refused.
+
     Args:
         name_or_path: hub id or local directory of a real checkpoint.
         tiny: build a tiny random model of the same architecture instead (tests, the CPU demo).
@@ -82,6 +102,7 @@ class Backbone(RecordsInitArgs, nn.Module, ABC):
         self.param_dtype = parse_dtype(dtype)
         #: names of frozen submodules kept in eval mode (no dropout) even while training.
         self.frozen_in_eval: list[str] = []
+        self.register_forward_pre_hook(_refuse_half_precision_training)
 
     @property
     @abstractmethod

@@ -146,7 +146,8 @@ def htk_mel_filterbank(
 
 
 class LogMelFrontEnd(nn.Module):
-    """Waveform → log-mel spectrogram in dB, computed in float32 whatever the model dtype.
+    """Waveform → log-mel spectrogram in dB, computed in float32 whatever the model dtype, and
+    with autocast off.
 
     The window and filterbank are rebuilt on each call (a few microseconds) instead of being
     buffers, so casting the model to bfloat16 or building it on the meta device cannot touch them.
@@ -172,7 +173,12 @@ class LogMelFrontEnd(nn.Module):
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         """``(B, samples)`` → ``(B, n_mels, frames)``; the 120 dB floor is set per clip."""
-        waveform = waveform.to(torch.float32)
+        # Under bf16-mixed the caller runs inside autocast, which would do the filterbank product
+        # in bfloat16 (about 3 significant digits on powers spanning 120 dB).
+        with torch.autocast(waveform.device.type, enabled=False):
+            return self._log_mel(waveform.to(torch.float32))
+
+    def _log_mel(self, waveform: torch.Tensor) -> torch.Tensor:
         window = torch.hann_window(self.win_length, periodic=True, device=waveform.device)
         spectrum = torch.stft(
             waveform,

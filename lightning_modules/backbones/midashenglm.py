@@ -639,6 +639,15 @@ class MiDashengLMBackbone(Backbone):
         return [*self.language_model.layers, *self.audio_encoder.blocks]
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> BackboneOutput:
+        audio = inputs.get("audio")
+        if audio is not None and audio.dtype in (torch.bfloat16, torch.float16):
+            # bfloat16 keeps 8 significant bits: the waveform would reach the float32 mel front end
+            # with its rounding noise about 50 dB below the signal, inside the 120 dB range it keeps.
+            raise ValueError(
+                f"MiDashengLM needs the float32 waveform, got {audio.dtype}: Lightning's 'bf16-true' and "
+                "'16-true' precisions round every floating input; use --trainer.precision bf16-mixed with "
+                "--model.backbone.init_args.dtype bfloat16 (bfloat16 weights, float32 audio front end)"
+            )
         hidden_states = decoder_hidden_states(
             self.model,
             self.config,

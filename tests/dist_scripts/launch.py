@@ -15,6 +15,8 @@ SCRIPT = Path(__file__).with_name("train_tiny.py")
 DISTRIBUTED_RUNS = ["ddp", "ddp_local", "ddp_grad_cache", "fsdp", "fsdp_resume", "fsdp_grad_cache_checkpointing",
                     "fsdp_qlora"]
 SINGLE_RUNS = ["single", "single_qlora"]
+#: the runs on one CUDA device (tests/test_gpu.py): references first, then FSDP2 over a 1-device mesh.
+CUDA_RUNS = ["single", "single_qlora", "fsdp", "fsdp_resume", "fsdp_qlora"]
 #: a guard against a deadlocked collective hanging the test session, far above the normal time.
 GUARD_SECONDS = 1800
 
@@ -38,6 +40,15 @@ def results(tmp_path_factory) -> tuple[dict[str, dict], Path]:
         runs = {name: torch.load(out / f"{name}.pt", weights_only=False) for name in DISTRIBUTED_RUNS + SINGLE_RUNS}
         _cache["runs"] = (runs, out)
     return _cache["runs"]
+
+
+def cuda_results(tmp_path_factory) -> tuple[dict[str, dict], Path]:
+    """Like :func:`results`, for :data:`CUDA_RUNS` in one process on one CUDA device."""
+    if "cuda" not in _cache:
+        out = tmp_path_factory.mktemp("cuda_runs")
+        _run([sys.executable, str(SCRIPT), str(out), *CUDA_RUNS, "--accelerator", "gpu"])
+        _cache["cuda"] = ({name: torch.load(out / f"{name}.pt", weights_only=False) for name in CUDA_RUNS}, out)
+    return _cache["cuda"]
 
 
 def assert_close_tensors(got: dict, want: dict, rtol: float) -> None:

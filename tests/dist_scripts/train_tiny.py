@@ -1,10 +1,12 @@
 """Short training runs of the tiny thinker under several strategies, for tests/test_fsdp.py and
-tests/test_ddp.py. Each run writes ``<out>/<run>.pt`` (from rank 0): per-step losses (averaged
-over ranks), the first step's gradients and the final trainable weights, both gathered to full
-tensors, and whether parameters were DTensors.
+tests/test_ddp.py (and tests/test_gpu.py on one CUDA device). Each run writes ``<out>/<run>.pt``
+(from rank 0): per-step losses (averaged over ranks), the first step's gradients and the final
+trainable weights, both gathered to full tensors, whether parameters were DTensors, and the
+process group's backend.
 
     torchrun --nproc_per_node 2 tests/dist_scripts/train_tiny.py OUT RUN [RUN ...]
     python tests/dist_scripts/train_tiny.py OUT single ...   # one process, the whole global batch
+    python tests/dist_scripts/train_tiny.py OUT single fsdp --accelerator gpu   # one CUDA device (NCCL)
 
 Every run sees the same data: ``STEPS_PER_EPOCH`` global batches of ``GLOBAL_BATCH`` pairs per
 epoch; with W processes, rank r takes rows [r·B/W, (r+1)·B/W) of each global batch, so the W
@@ -108,7 +110,7 @@ class Record(Callback):
         self.losses.append(float(trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")))
 
 
-def run(name: str, out: Path) -> None:
+def run(name: str, out: Path, accelerator: str = "cpu") -> None:
     strategy_name, options, mode = RUNS[name]
     # Set by torchrun; the process group itself starts inside the first fit.
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -124,7 +126,7 @@ def run(name: str, out: Path) -> None:
         callbacks += [ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1),
                       TrainableWeightsExport(dirpath=str(out / name))]
     strategy = {"single": "auto", "ddp": DDPStrategy(), "fsdp": FSDP2Strategy()}[strategy_name]
-    trainer = Trainer(accelerator="cpu", devices=world, strategy=strategy,
+    trainer = Trainer(accelerator=accelerator, devices=world, strategy=strategy,
                       max_epochs=EPOCHS, logger=False, enable_checkpointing=mode == "save",
                       enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                       num_sanity_val_steps=0, default_root_dir=str(out / name), callbacks=callbacks)
@@ -134,7 +136,7 @@ def run(name: str, out: Path) -> None:
     weights = trainable_state_dict(module)  # collective under FSDP2
     if rank == 0:
         torch.save({"losses": record.losses, "grads": record.grads, "weights": weights, "dtensor": record.dtensor,
-                    "world": world}, out / f"{name}.pt")
+                    "world": world, "backend": dist.get_backend() if dist.is_initialized() else None}, out / f"{name}.pt")
     if dist.is_initialized():
         dist.barrier()
 
@@ -143,11 +145,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out", type=Path)
     parser.add_argument("runs", nargs="+", choices=sorted(RUNS))
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     args = parser.parse_args()
     torch.set_num_threads(1)  # two processes on a small CPU machine: avoid oversubscription
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.runs:
-        run(name, args.out)
+        run(name, args.out, args.accelerator)
 
 
 if __name__ == "__main__":
