@@ -13,6 +13,7 @@ import sys
 from argparse import RawDescriptionHelpFormatter
 from typing import Any
 
+from lightning import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -24,14 +25,16 @@ import losses  # noqa: F401
 from callbacks import EmbeddingProjector, EmbeddingWriter, HyperparameterSummary, RetrievalReport, SkippedSampleReport
 from callbacks.output_dirs import check_output_dirs
 from callbacks.preemption import PreemptionCheckpoint
+from callbacks.progress import LineProgress
 from datamodules import RetrievalDataModule
 from lightning_modules import EmbeddingModule
 from lightning_modules.tools import TOOLS, tools_help
 
 
 class EmbeddingCLI(LightningCLI):
-    """LightningCLI with the project's always-on callbacks (checkpoints, preemption, reports), a check
-    of the output folders before ``fit`` and an optional test after it."""
+    """LightningCLI with the project's always-on callbacks (checkpoints, preemption, reports), plain
+    progress lines when stdout is not a terminal, a check of the output folders before ``fit`` and
+    an optional test after it."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -49,6 +52,8 @@ class EmbeddingCLI(LightningCLI):
         parser.add_lightning_class_args(HyperparameterSummary, "hparams")
         parser.add_lightning_class_args(SkippedSampleReport, "skipped_report")
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
+        # Not a callback group: whether the bar replaces Lightning's is decided in instantiate_trainer.
+        parser.add_class_arguments(LineProgress, "progress")
         parser.add_argument(
             "--test_after_fit",
             type=bool,
@@ -62,6 +67,14 @@ class EmbeddingCLI(LightningCLI):
             help="Before fit, the log and checkpoint folders must be writable and have this many GB free "
             "plus the estimated size of one checkpoint (trainable weights and AdamW moments); else fit stops.",
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # Plain progress lines instead of the terminal bar when stdout is a file (--progress.style).
+        progress = self._get(self.config_init, "progress")
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if progress.replaces_default_bar(trainer_config):
+            kwargs["callbacks"] = progress.with_trainer_callbacks(trainer_config)
+        return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         # Only the first process: the others would race it for the logger's next version folder.
