@@ -29,6 +29,9 @@ class PairCollator:
     metadata (``clip_id``, ``caption_kind``, ``tags``). The batch holds the backbone inputs of both
     sides, their modalities, the clip index of every query and document, and unique document keys.
 
+    Examples without documents (zero-shot classification, whose class prompts are embedded once per
+    evaluation) give ``batch["document"] = None`` and no document modality.
+
     Examples a dataset skipped (:class:`~datamodules.bad_samples.SkippedSample` markers, under the
     ``skip`` bad-sample policy) are dropped, never replaced, and counted in ``batch["skipped"]``
     (``{reason: count}``, empty when none). When every example of a batch was skipped, the batch is
@@ -55,9 +58,9 @@ class PairCollator:
                 document_key.append(ex["clip_index"] * MAX_DOCS_PER_CLIP + j)
         batch = {
             "query": self.backbone_collator(queries),
-            "document": self.backbone_collator(documents),
+            "document": self.backbone_collator(documents) if documents else None,
             "query_modality": side_modality(queries),
-            "document_modality": side_modality(documents),
+            "document_modality": side_modality(documents) if documents else None,
             "query_index": torch.tensor([ex["clip_index"] for ex in examples], dtype=torch.long),
             "document_index": torch.tensor(document_index, dtype=torch.long),
             "document_key": torch.tensor(document_key, dtype=torch.long),

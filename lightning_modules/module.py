@@ -293,8 +293,10 @@ class EmbeddingModule(LightningModule):
         pooled = self.pooler(self.backbone(inputs))
         return F.normalize(self.head(pooled, modality).float(), dim=-1)
 
-    def embed_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.embed(batch["query"], batch["query_modality"]), self.embed(batch["document"], batch["document_modality"])
+    def embed_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Query and document embeddings of a batch (no documents: ``None``, e.g. classification)."""
+        document = None if batch["document"] is None else self.embed(batch["document"], batch["document_modality"])
+        return self.embed(batch["query"], batch["query_modality"]), document
 
     def loss_structure(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Batch information the losses may use besides the embeddings."""
@@ -433,12 +435,12 @@ class EmbeddingModule(LightningModule):
         """Compute, log and return every set's metrics (``<stage>/<set>/...``) and their means."""
         values: dict[str, torch.Tensor] = {}
         for evaluator in self.evaluators(stage):
-            queries = evaluator.hard_negative_queries()
-            hard_negatives = None
-            if queries is not None:
+            texts = evaluator.extra_texts()  # hard-negative queries, class prompts
+            extra = None
+            if texts:
                 with torch.no_grad():
-                    hard_negatives = (self._embed_texts(queries), *evaluator.hard_negative_ids(self.device))
-            values.update(evaluator.compute(stage, hard_negatives))
+                    extra = self._embed_texts(texts)
+            values.update(evaluator.compute(stage, extra))
         values.update(mean_over_sets(values, stage))
         self._evaluators.pop(stage, None)
         # compute() already gathered every rank's embeddings: the values are global, not per rank.
@@ -446,7 +448,7 @@ class EmbeddingModule(LightningModule):
         return {k: float(v) for k, v in values.items()}
 
     def _embed_texts(self, texts: list[EmbedInput], batch_size: int = 32) -> torch.Tensor:
-        """Document-side embeddings of extra texts (hard-negative queries), on every rank alike."""
+        """Document-side embeddings of an evaluator's extra texts, on every rank alike."""
         parts = []
         for begin in range(0, len(texts), batch_size):
             inputs = self.collate.backbone_collator(texts[begin : begin + batch_size])

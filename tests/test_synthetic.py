@@ -88,6 +88,18 @@ def test_splits_captions_and_audio(synthetic):
     assert info.samplerate == SAMPLING_RATE and info.channels == 1 and 1.0 <= info.duration <= 3.0
 
 
+def test_classification_sets(synthetic):
+    single, multi = _rows(synthetic["zs"]), _rows(synthetic["zs_multi"])
+    assert len(single) == 15 and [row["label"] for row in single] == [e.tag for e in EVENT_TYPES] + [
+        e.tag for e in EVENT_TYPES[:5]
+    ]  # fmt: skip
+    folder = os.path.dirname(synthetic["zs"])
+    assert all(1.0 <= sf.info(os.path.join(folder, row["audio"])).duration <= 3.0 for row in single)
+    test = _rows(synthetic["test"])
+    assert [(row["audio"], row["labels"]) for row in multi] == [(row["audio"], row["tags"]) for row in test]
+    assert all("caption" not in row for row in single + multi)
+
+
 def test_captions_mention_count_and_order(synthetic):
     row = next(r for r in _rows(synthetic["test"]) if len(r["events"]) >= 2)
     first, second = row["events"][0]["type"], row["events"][1]["type"]
