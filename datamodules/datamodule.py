@@ -72,8 +72,8 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     Evaluation can run on several named sets at once (``val_sets`` / ``test_sets``, each an
     :class:`~datamodules.eval_sets.EvalSet` with its own task: audio–text, speech–text, QA by
-    retrieval or zero-shot classification); the loaders come in the order of the mapping and each set's metrics are reported
-    under its name. ``val_manifest`` / ``test_manifest`` are the shorthand for one unnamed
+    retrieval or zero-shot classification); the loaders come in the order of the mapping and each
+    set's metrics are reported under its name. ``val_manifest`` / ``test_manifest`` are the shorthand for one unnamed
     audio–text set (metric keys without a set name, e.g. ``val/t2a/R@1``).
 
     Args:

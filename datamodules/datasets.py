@@ -175,10 +175,10 @@ class EvalDataset(Dataset):
     rows give their answer.
 
     With ``text_field`` other than ``caption`` the documents are that field's texts (e.g. the
-    transcripts of a speech–text set). Without ``with_documents`` (zero-shot classification, whose
-    candidates are the class prompts, embedded once per evaluation) items have no documents. With ``qa`` (QA by retrieval) the documents are the item's
+    transcripts of a speech–text set). With ``qa`` (QA by retrieval) the documents are the item's
     choices, and the item also carries ``answer_slot`` (position of the answer among them) and
-    ``category_index`` (-1 for none).
+    ``category_index`` (-1 for none). Without ``with_documents`` (zero-shot classification, whose
+    candidates are the class prompts, embedded once per evaluation) items have no documents.
 
     Args:
         records: clips from :func:`datamodules.manifest.read_manifest`.

@@ -23,9 +23,10 @@ classification set::
     {"audio": "fsd/64760.wav", "labels": ["Bark", "Dog"]}
 
 ``query_type`` (a string, or a list with one string per caption) names the kind of each caption as
-a query, e.g. ``question``, ``keyphrase`` or ``paraphrase``; evaluation reports T2A per type. Without ``id`` the clip id is
-the ``audio`` value as written. Other fields are kept in :attr:`ClipRecord.extra`; ``tags`` given as
-a comma-separated string is split into a list.
+a query, e.g. ``question``, ``keyphrase`` or ``paraphrase``; evaluation reports T2A per type.
+
+Without ``id`` the clip id is the ``audio`` value as written. Other fields are kept in
+:attr:`ClipRecord.extra`; ``tags`` given as a comma-separated string is split into a list.
 
 JSON list (as AuroLA/WavCaps ship AudioCaps and Clotho)::
 

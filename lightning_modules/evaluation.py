@@ -85,7 +85,8 @@ class Evaluator:
     def update(self, query: Tensor, document: Tensor | None, batch: dict[str, Any]) -> None:
         """Store one batch's query (audio side) and document (text side) embeddings."""
         if self.spec.task == "classification":
-            self.metric.update(query, batch["query_index"], self._targets[batch["query_index"].to(self._targets.device)])
+            clips = batch["query_index"]
+            self.metric.update(query, clips, self._targets[clips.to(self._targets.device)])
             return
         common = (query, batch["query_index"], document, batch["document_index"], batch["document_key"])
         if self.spec.task == "qa":

@@ -397,7 +397,8 @@ def zero_shot_metrics(
     class_emb = _check_embeddings("class", class_emb)[0]
     _check_same_dim(("clip", audio_emb), ("class", class_emb))
     if targets.shape != (audio_emb.shape[0], class_emb.shape[0]):
-        raise ValueError(f"targets must have shape {(audio_emb.shape[0], class_emb.shape[0])}, got {tuple(targets.shape)}")
+        expected = (audio_emb.shape[0], class_emb.shape[0])
+        raise ValueError(f"targets must have shape {expected}, got {tuple(targets.shape)}")
     targets = targets.bool()
     scores = audio_emb @ class_emb.T
     if not multi_label:
@@ -823,7 +824,9 @@ class AudioTextRetrieval(Metric):
             raise ValueError("text_groups must be given exactly when the metric has query_types")
         if text_groups is not None:
             if text_groups.shape != text_ids.shape:
-                raise ValueError(f"text_groups {tuple(text_groups.shape)} does not match text_ids {tuple(text_ids.shape)}")
+                raise ValueError(
+                    f"text_groups {tuple(text_groups.shape)} does not match text_ids {tuple(text_ids.shape)}"
+                )
             self.text_groups.append(text_groups.detach().long())
 
     def compute(self) -> dict[str, Tensor]:
@@ -871,7 +874,9 @@ class AudioTextRetrieval(Metric):
         if self.query_types is not None:
             groups = {"text_groups": dim_zero_cat(self.text_groups)[keep_text], "group_names": self.query_types}
         sizes = {"chunk_size": self.chunk_size, "block_size": self.block_size}
-        out = retrieval_metrics(audio_emb, audio_ids, text_emb, text_ids, text_keys, names=self.names, **sizes, **groups)
+        out = retrieval_metrics(
+            audio_emb, audio_ids, text_emb, text_ids, text_keys, names=self.names, **sizes, **groups
+        )
         num_audios, num_texts = audio_ids.numel(), text_ids.numel()
         out.update(_size_values(n_audios=num_audios, n_texts=num_texts))
         captions = torch.unique(text_ids, return_counts=True)[1]  # per audio: retrieval_metrics checked both ways
@@ -1005,7 +1010,8 @@ class QARetrievalAccuracy(Metric):
             categories,
             self.category_names,
         )
-        out.update(_size_values(n_audios=query_index.numel(), n_texts=choice_key.numel(), n_queries=query_index.numel()))
+        questions = query_index.numel()
+        out.update(_size_values(n_audios=questions, n_texts=choice_key.numel(), n_queries=questions))
         guess = 1 / torch.bincount(choice_item, minlength=query_index.numel()).double()
         out["chance/qa/accuracy"] = (guess.mean() * 100).float()
         for index, name in enumerate(self.category_names or ()):
@@ -1088,7 +1094,8 @@ def _size_values(**sizes: int) -> dict[str, Tensor]:
 
 def _retrieval_chance(prefix: str, num_candidates: int, num_relevant: Tensor) -> dict[str, Tensor]:
     """Chance levels of ``R@k``, ``mAP@10`` and ``meanr`` over queries with ``num_relevant`` each."""
-    out = {f"chance/{prefix}/R@{k}": chance.recall_at_k(num_candidates, num_relevant, k).mean() * 100 for k in RECALL_AT}
-    out[f"chance/{prefix}/mAP@{MAP_CUTOFF}"] = chance.average_precision(num_candidates, num_relevant, MAP_CUTOFF).mean() * 100
-    out[f"chance/{prefix}/meanr"] = chance.mean_best_rank(num_candidates, num_relevant).mean()
+    n, m = num_candidates, num_relevant
+    out = {f"chance/{prefix}/R@{k}": chance.recall_at_k(n, m, k).mean() * 100 for k in RECALL_AT}
+    out[f"chance/{prefix}/mAP@{MAP_CUTOFF}"] = chance.average_precision(n, m, MAP_CUTOFF).mean() * 100
+    out[f"chance/{prefix}/meanr"] = chance.mean_best_rank(n, m).mean()
     return {name: value.float() for name, value in out.items()}

@@ -296,7 +296,8 @@ def test_classification_set_definitions_and_bad_labels(tmp_path):
 
 def test_query_types_are_checked_and_reported_per_type(tmp_path):
     rows = [{"id": f"c{i}", "caption": [f"tone {i}", f"which tone is {i}?"], "query_type": ["keyphrase", "question"]}
-            for i in range(4)] + [{"id": "c4", "caption": "tone 4", "query_type": "keyphrase"}, {"id": "c5", "caption": "x"}]
+            for i in range(4)]  # fmt: skip
+    rows += [{"id": "c4", "caption": "tone 4", "query_type": "keyphrase"}, {"id": "c5", "caption": "x"}]
     manifest = write_clips(tmp_path, rows)
     records = read_manifest(str(manifest))
     per_clip, names = query_type_layout(records, "caption")
@@ -317,8 +318,8 @@ def test_query_types_are_checked_and_reported_per_type(tmp_path):
     a, a_ids, t, t_ids, t_keys, _, _ = embed_set(module, EvalDataset(records, 16000, dm.eval_policy))
     types = torch.tensor([per_clip[key // 1000][key % 1000] for key in t_keys.tolist()])
     expected = retrieval_metrics(a, a_ids, t, t_ids, t_keys, text_groups=types, group_names=names)
-    assert {k for k in expected if k.count("/") == 2} == {f"t2a/{n}/{m}" for n in names for m in
-                                                          ("R@1", "R@5", "R@10", "mAP@10", "medr", "meanr")}  # fmt: skip
+    metrics = ("R@1", "R@5", "R@10", "mAP@10", "medr", "meanr")
+    assert {k for k in expected if k.count("/") == 2} == {f"t2a/{n}/{m}" for n in names for m in metrics}
     for key, value in expected.items():
         assert results[f"test/{key}"] == pytest.approx(float(value), abs=1e-4), key
 

@@ -301,12 +301,14 @@ def test_query_types_match_reference(seed):
     groups = torch.randint(-1, 3, text_ids.shape, generator=g)  # type 2 may stay empty; -1 is untyped
     groups[groups == 2] = 1
     names = ["keyphrase", "question", "negative"]
-    result = retrieval_metrics(audio_emb, audio_ids, text_emb, text_ids, text_keys, text_groups=groups, group_names=names)
+    data = audio_emb, audio_ids, text_emb, text_ids, text_keys
+    result = retrieval_metrics(*data, text_groups=groups, group_names=names)
     scores = (text_emb.double() @ audio_emb.double().T).tolist()
+    audios = list(range(audio_ids.numel()))
     ranks = []
     for q in range(text_ids.numel()):
-        (target,) = [i for i in range(audio_ids.numel()) if audio_ids[i] == text_ids[q]]
-        ranks.append(_ranked(range(audio_ids.numel()), scores[q], {target}, list(range(audio_ids.numel()))).index(target) + 1)
+        (target,) = [i for i in audios if audio_ids[i] == text_ids[q]]
+        ranks.append(_ranked(audios, scores[q], {target}, audios).index(target) + 1)
     for index, name in enumerate(names):
         mine = [r for r, group in zip(ranks, groups.tolist()) if group == index]
         if not mine:
@@ -315,10 +317,10 @@ def test_query_types_match_reference(seed):
         expected = _summary(mine, [1 / r if r <= 10 else 0.0 for r in mine])
         for key, value in expected.items():
             assert result[f"t2a/{name}/{key}"].item() == pytest.approx(value, abs=1e-4), (name, key)
-    overall = retrieval_metrics(audio_emb, audio_ids, text_emb, text_ids, text_keys)
+    overall = retrieval_metrics(*data)
     assert all(torch.equal(result[k], overall[k]) for k in KEYS)  # the overall numbers are unchanged
     with pytest.raises(ValueError, match="text_groups out of range"):
-        retrieval_metrics(audio_emb, audio_ids, text_emb, text_ids, text_keys, text_groups=groups, group_names=names[:1])
+        retrieval_metrics(*data, text_groups=groups, group_names=names[:1])
 
 
 def test_direction_names_only_rename_keys():
