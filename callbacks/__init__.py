@@ -1,8 +1,10 @@
-"""Callbacks: evaluation reports, embedding projector and writer, hyper-parameter summary, guards, weight export."""
+"""Callbacks: evaluation reports, embedding projector and writer, hyper-parameter summary, guards, weight
+export, progress lines for log files."""
 
 from callbacks.hparams import HyperparameterSummary
 from callbacks.prediction_writer import EmbeddingWriter
 from callbacks.preemption import PreemptionCheckpoint
+from callbacks.progress import LineProgress
 from callbacks.projector import EmbeddingProjector
 from callbacks.report import RetrievalReport
 from callbacks.skipped_samples import SkippedSampleReport
@@ -12,6 +14,7 @@ __all__ = [
     "EmbeddingProjector",
     "EmbeddingWriter",
     "HyperparameterSummary",
+    "LineProgress",
     "PreemptionCheckpoint",
     "RetrievalReport",
     "SkippedSampleReport",

@@ -46,5 +46,5 @@ def test_help_documents_components(capsys):
         main(["fit", "--help"])
     text = capsys.readouterr().out
     for key in ["--model.backbone", "--model.pooler", "--model.loss", "--model.warmup_steps", "--data",
-                "--test_after_fit", "--checkpoint.monitor"]:
+                "--test_after_fit", "--checkpoint.monitor", "--progress.every_n_batches", "--progress.style"]:
         assert key in text, key
