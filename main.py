@@ -13,11 +13,11 @@ import sys
 from argparse import RawDescriptionHelpFormatter
 from typing import Any
 
-import yaml
-
+from lightning import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+import yaml
 
 import callbacks  # noqa: F401
 import datamodules  # noqa: F401
@@ -34,6 +34,7 @@ from callbacks import (
 )
 from callbacks.output_dirs import check_output_dirs
 from callbacks.preemption import PreemptionCheckpoint
+from callbacks.progress import LineProgress
 from datamodules import RetrievalDataModule
 from lightning_modules import EmbeddingModule
 from lightning_modules.finetune import FineTuneModule
@@ -42,8 +43,9 @@ from lightning_modules.tools import TOOLS, tools_help
 
 class EmbeddingCLI(LightningCLI):
     """LightningCLI with the project's always-on callbacks (checkpoints, preemption, non-finite guard,
-    RNG state in checkpoints, reports), the model's rate and collator bound to the data module, a check
-    of the output folders before ``fit`` and an optional test after it."""
+    RNG state in checkpoints, reports), plain progress lines when stdout is not a terminal, the model's
+    rate and collator bound to the data module, a check of the output folders before ``fit`` and an
+    optional test after it."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -63,6 +65,8 @@ class EmbeddingCLI(LightningCLI):
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_lightning_class_args(RngStateCheckpoint, "rng_state")
+        # Not a callback group: whether the bar replaces Lightning's is decided in instantiate_trainer.
+        parser.add_class_arguments(LineProgress, "progress")
         parser.add_argument(
             "--test_after_fit",
             type=bool,
@@ -82,6 +86,13 @@ class EmbeddingCLI(LightningCLI):
         # The data decides nothing about the model: it gets the model's rate and collator here.
         if self.datamodule is not None:
             self.datamodule.bind(self.model.backbone.sampling_rate, self.model.collate)
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # Plain progress lines instead of the terminal bar when stdout is a file (--progress.style).
+        progress = self._get(self.config_init, "progress")
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if progress.replaces_default_bar(trainer_config):
+            kwargs["callbacks"] = progress.with_trainer_callbacks(trainer_config)
+        return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         # Only the first process: the others would race it for the logger's next version folder.

@@ -1,9 +1,11 @@
-"""Callbacks: evaluation reports, embedding projector and writer, hyper-parameter summary, guards, weight export."""
+"""Callbacks: evaluation reports, embedding projector and writer, hyper-parameter summary, guards, weight
+export, progress lines for log files."""
 
 from callbacks.hparams import HyperparameterSummary
 from callbacks.prediction_writer import EmbeddingWriter
 from callbacks.nonfinite import NonFiniteGuard
 from callbacks.preemption import PreemptionCheckpoint
+from callbacks.progress import LineProgress
 from callbacks.projector import EmbeddingProjector
 from callbacks.report import RetrievalReport
 from callbacks.rng_state import RngStateCheckpoint
@@ -14,6 +16,7 @@ __all__ = [
     "EmbeddingProjector",
     "EmbeddingWriter",
     "HyperparameterSummary",
+    "LineProgress",
     "NonFiniteGuard",
     "PreemptionCheckpoint",
     "RetrievalReport",

@@ -34,6 +34,9 @@ class PairCollator:
     ``texts``, and for training batches ``info``, the :class:`~losses.structure.BatchInfo` the loss
     receives (clip indices, texts, caption kinds and tag clusters, mapped through ``tag_clusters``).
 
+    Examples without documents (zero-shot classification, whose class prompts are embedded once per
+    evaluation) give ``batch["document"] = None`` and no document modality.
+
     Examples a dataset skipped (:class:`~datamodules.bad_samples.SkippedSample` markers, under the
     ``skip`` bad-sample policy) are dropped, never replaced, and counted in ``batch["skipped"]``
     (``{reason: count}``, empty when none). When every example of a batch was skipped, the batch is
@@ -76,9 +79,9 @@ class PairCollator:
         texts = [doc.text for doc in documents]
         batch = {
             "query": self._side(queries, examples, "query"),
-            "document": self._side(documents, [examples[i] for i in document_owner], "document"),
+            "document": self._side(documents, [examples[i] for i in document_owner], "document") if documents else None,
             "query_modality": side_modality(queries),
-            "document_modality": side_modality(documents),
+            "document_modality": side_modality(documents) if documents else None,
             "query_index": query_index,
             "document_index": torch.tensor(document_index, dtype=torch.long),
             "document_key": torch.tensor(document_key, dtype=torch.long),

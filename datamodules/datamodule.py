@@ -16,9 +16,19 @@ from datamodules.audio import AudioPolicy
 from datamodules.bad_samples import BadSamplePolicy, SkippedSample, count_reasons, format_counts
 from datamodules.bucketing import DurationBatchSampler, manifest_durations
 from datamodules.datasets import EpochSampler, EvalDataset, PairDataset
+from datamodules.eval_sets import (
+    DIRECTION_NAMES,
+    METRIC_GROUPS,
+    ClassificationLayout,
+    EvalSet,
+    HardNegative,
+    classification_layout,
+    qa_layout,
+    query_type_layout,
+    read_hard_negatives,
+)
 from datamodules.hard_negatives import read_mined
 from datamodules.rerank import RerankPairDataset
-from datamodules.eval_sets import DIRECTION_NAMES, EvalSet, HardNegative, qa_layout, read_hard_negatives
 from datamodules.manifest import ClipRecord, ManifestError, read_manifest, screen_audio
 from datamodules.resume import ResumableSampler, resume_loader, resume_position
 
@@ -64,9 +74,9 @@ class RetrievalDataModule(pl.LightningDataModule):
     this one already gives each rank a disjoint, equal-length share.
 
     Evaluation can run on several named sets at once (``val_sets`` / ``test_sets``, each an
-    :class:`~datamodules.eval_sets.EvalSet` with its own task: audio–text, speech–text or QA by
-    retrieval); the loaders come in the order of the mapping and each set's metrics are reported
-    under its name. ``val_manifest`` / ``test_manifest`` are the shorthand for one unnamed
+    :class:`~datamodules.eval_sets.EvalSet` with its own task: audio–text, speech–text, QA by
+    retrieval or zero-shot classification); the loaders come in the order of the mapping and each
+    set's metrics are reported under its name. ``val_manifest`` / ``test_manifest`` are the shorthand for one unnamed
     audio–text set (metric keys without a set name, e.g. ``val/t2a/R@1``).
 
     Args:
@@ -191,6 +201,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         self._hard_negatives: dict[str, list[HardNegative]] = {}
         # (split, set name) that predict embeds instead of predict_manifest; see predict_on.
         self._predict_source: tuple[str, str | None] | None = None
+        self._layouts: dict[str, ClassificationLayout] = {}
         # durations read by the header scan in setup, so that bucketing does not read the headers again.
         self._header_durations: dict[str, np.ndarray] = {}
         self.sampling_rate: int | None = None
@@ -210,9 +221,12 @@ class RetrievalDataModule(pl.LightningDataModule):
             if split == "predict" and self._predict_source is not None:
                 self.predict_records()
             elif split in self.named_sets:
+                # Parsed here so that a bad file stops the run before any model work.
                 for name, _ in self.eval_sets(split):
                     self.set_records(split, name)
                     self.hard_negatives(split, name)
+                    self.classification(split, name)
+                    self.query_types(split, name)
             elif self.manifests[split] is not None:
                 self._split(split)
 
@@ -300,6 +314,24 @@ class RetrievalDataModule(pl.LightningDataModule):
             self._hard_negatives[key] = read_hard_negatives(spec.hard_negatives, self.set_records(split, name))
         return self._hard_negatives[key]
 
+    def classification(self, split: str, name: str | None) -> ClassificationLayout | None:
+        """Classes and labels of a classification set (parsed once), or ``None`` for other tasks."""
+        spec = self._eval_set(split, name)
+        if spec.task != "classification":
+            return None
+        key = f"{split}/{name}/classes"
+        if key not in self._layouts:
+            self._layouts[key] = classification_layout(self.set_records(split, name), spec.classes)
+        return self._layouts[key]
+
+    def query_types(self, split: str, name: str | None) -> tuple[list[list[int]], list[str]] | None:
+        """Per clip, the query type index of each text, and the type names, of a retrieval set whose
+        rows carry ``query_type`` (:func:`~datamodules.eval_sets.query_type_layout`); else ``None``."""
+        spec = self._eval_set(split, name)
+        if spec.task not in DIRECTION_NAMES:
+            return None
+        return query_type_layout(self.set_records(split, name), spec.text_field)
+
     def _bound(self) -> tuple[int, Callable[[list[dict[str, Any]]], Any]]:
         if self.sampling_rate is None or self.collate_fn is None:
             raise RuntimeError(
@@ -374,6 +406,7 @@ class RetrievalDataModule(pl.LightningDataModule):
             text_field=text_field,
             on_bad_sample=self.on_bad_sample,
             qa=qa,
+            with_documents=split == "predict" or spec.task != "classification",
         )
         world, rank = self._world()
         if world == 1:
@@ -489,6 +522,5 @@ class RetrievalDataModule(pl.LightningDataModule):
 
 def _check_set_name(name: str) -> None:
     """Set names become a metric-key level, so they must not look like one of the other levels."""
-    reserved = {prefix for pair in DIRECTION_NAMES.values() for prefix in pair} | {"t2t", "hn", "qa", "diag"}
-    if not name or "/" in name or name in reserved:
-        raise ValueError(f"invalid evaluation set name {name!r}: non-empty, no '/', not one of {sorted(reserved)}")
+    if not name or "/" in name or name in METRIC_GROUPS:
+        raise ValueError(f"invalid evaluation set name {name!r}: non-empty, no '/', not one of {sorted(METRIC_GROUPS)}")

@@ -182,7 +182,8 @@ class EvalDataset(Dataset):
     With ``text_field`` other than ``caption`` the documents are that field's texts (e.g. the
     transcripts of a speech–text set). With ``qa`` (QA by retrieval) the documents are the item's
     choices, and the item also carries ``answer_slot`` (position of the answer among them) and
-    ``category_index`` (-1 for none).
+    ``category_index`` (-1 for none). Without ``with_documents`` (zero-shot classification, whose
+    candidates are the class prompts, embedded once per evaluation) items have no documents.
 
     Args:
         records: clips from :func:`datamodules.manifest.read_manifest`.
@@ -193,6 +194,7 @@ class EvalDataset(Dataset):
         document_instruction: instruction attached to the text side.
         text_field: field whose texts are the documents of non-QA rows.
         qa: ``(answer_slots, category_indices)`` per record, from :func:`datamodules.eval_sets.qa_layout`.
+        with_documents: whether items carry their texts as documents.
         on_bad_sample: ``"error"`` raises on a clip that fails to decode; ``"skip"`` returns a
             :class:`~datamodules.bad_samples.SkippedSample` instead of the item.
     """
@@ -207,6 +209,7 @@ class EvalDataset(Dataset):
         text_field: str = "caption",
         qa: tuple[list[int], list[int]] | None = None,
         on_bad_sample: BadSamplePolicy = "error",
+        with_documents: bool = True,
     ):
         self.records = list(records)
         self.sampling_rate = sampling_rate
@@ -216,9 +219,10 @@ class EvalDataset(Dataset):
         self.text_field = text_field
         self.qa = qa
         self.on_bad_sample = on_bad_sample
+        self.with_documents = with_documents
         if qa is not None and not (len(qa[0]) == len(qa[1]) == len(self.records)):
             raise ValueError("qa layout needs one answer slot and one category per record")
-        for record in self.records if qa is None else ():
+        for record in self.records if qa is None and with_documents else ():
             if not (record.is_qa and text_field == "caption") and not record.texts(text_field):
                 raise ValueError(f"{record.source}: clip '{record.id}' has no '{text_field}' text to retrieve")
 
@@ -232,6 +236,8 @@ class EvalDataset(Dataset):
             return wave
         ask = self.qa is not None or self.text_field == "caption"
         query = _query(record, wave, self.query_instruction, ask)
+        if not self.with_documents:
+            return _item(record, index, query, [], "label", self.document_instruction)
         if self.qa is not None:
             item = _item(record, index, query, record.texts("choices"), "qa", self.document_instruction)
             item["answer_slot"], item["category_index"] = self.qa[0][index], self.qa[1][index]

@@ -15,9 +15,18 @@ JSONL: one object per line, blank lines skipped::
     {"audio": "/abs/b.flac", "question": "What animal?", "answer": "a dog", "choices": ["dog", "cat"]}
 
 ``audio`` is relative to the manifest's folder unless absolute. ``caption`` is a string or a list of
-strings; rows with ``question`` and ``answer`` (audio QA) may omit it. Without ``id`` the clip id is
-the ``audio`` value as written. Other fields are kept in :attr:`ClipRecord.extra`; ``tags`` given as
-a comma-separated string is split into a list.
+strings; rows with ``question`` and ``answer`` (audio QA) may omit it, and so may rows with a class
+``label`` (one string) or ``labels`` (a string or a list of strings), the clips of a zero-shot
+classification set::
+
+    {"audio": "esc50/1-100032-A-0.wav", "label": "dog"}
+    {"audio": "fsd/64760.wav", "labels": ["Bark", "Dog"]}
+
+``query_type`` (a string, or a list with one string per caption) names the kind of each caption as
+a query, e.g. ``question``, ``keyphrase`` or ``paraphrase``; evaluation reports T2A per type.
+
+Without ``id`` the clip id is the ``audio`` value as written. Other fields are kept in
+:attr:`ClipRecord.extra`; ``tags`` given as a comma-separated string is split into a list.
 
 JSON list (as AuroLA/WavCaps ship AudioCaps and Clotho)::
 
@@ -67,9 +76,9 @@ __all__ = [
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 
 #: extra fields that, when present, must hold a string or a non-empty list of strings.
-_TEXT_LIST_FIELDS = ("caption_long", "caption_short", "choices")
+_TEXT_LIST_FIELDS = ("caption_long", "caption_short", "choices", "labels", "query_type")
 #: extra fields that, when present, must hold one non-empty string.
-_STRING_FIELDS = ("instruction", "question", "answer")
+_STRING_FIELDS = ("instruction", "question", "answer", "label")
 
 
 class ManifestError(ValueError):
@@ -196,6 +205,8 @@ def _record(row: Any, audio_path: str, clip_id: Any, where: str, skip: tuple[str
         captions = _text_list(row["caption"], where, "caption", audio_path)
     elif "question" in extra and "answer" in extra:
         captions = []  # audio QA rows are embedded as question + audio -> answer
+    elif "label" in extra or "labels" in extra:
+        captions = []  # classification clips are scored against the class prompts
     else:
         raise _error(where, "missing 'caption'", MISSING_FIELD, audio_path)
     return ClipRecord(id=clip_id, audio_path=audio_path, captions=captions, extra=extra, source=where)

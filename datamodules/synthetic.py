@@ -12,7 +12,8 @@ Two extra test sets probe what the captions encode. ``hard``: pairs of clips wit
 in opposite order, with a hard-negative file whose query is a caption of one clip and whose
 negative is its mirror (Omni-Embed-Audio's HNSR, arXiv 2604.18360). ``qa``: a question per test
 clip (which sound comes first, or how often the first sound occurs) with 3–4 choices, for QA by
-retrieval.
+retrieval. Two zero-shot classification sets: ``zs``, new clips of one event type each (repeated
+1–3 times), labelled with it; ``zs_multi``, the test clips labelled with the set of their event types.
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ __all__ = ["EVENT_TYPES", "SAMPLING_RATE", "SyntheticDataModule", "make_syntheti
 
 SAMPLING_RATE = 16_000
 #: bump when the generator's output changes, so cached datasets are rebuilt.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 _CAPTIONS_PER_CLIP = 5
 _MIN_SECONDS, _MAX_SECONDS = 1.0, 3.0
+#: prompts of the classification sets (two, to exercise prompt ensembling).
+ZS_TEMPLATES = ["This is a sound of {label}.", "the sound of a {label}"]
 
 
 def _time(n: int) -> np.ndarray:
@@ -374,13 +377,36 @@ def _write_qa(folder: str, test_manifest: str, seed: int) -> str:
     return manifest
 
 
+def _write_classification(folder: str, test_manifest: str, size: int, seed: int) -> tuple[str, str]:
+    """Single-label clips (one event type each, the types in turn) and the test clips as multi-label rows."""
+    rng = np.random.default_rng([seed, 5])
+    single, multi = os.path.join(folder, "zs.jsonl"), os.path.join(folder, "zs_multi.jsonl")
+    with open(single, "w", encoding="utf-8") as handle:
+        for i in range(size):
+            event = EVENT_TYPES[i % len(EVENT_TYPES)]
+            # One event of at most three repeats always fits in a clip.
+            wave = _render([(event, int(rng.integers(1, 4)))], rng)
+            clip_id = f"zs_{i:05d}"
+            audio = f"audio/{clip_id}.wav"
+            sf.write(os.path.join(folder, audio), wave, SAMPLING_RATE, subtype="PCM_16")
+            handle.write(json.dumps({"id": clip_id, "audio": audio, "label": event.tag}) + "\n")
+    with open(test_manifest, encoding="utf-8") as source, open(multi, "w", encoding="utf-8") as handle:
+        for line in source:
+            clip = json.loads(line)
+            row = {"id": f"zs_multi_{clip['id']}", "audio": clip["audio"], "labels": clip["tags"]}
+            handle.write(json.dumps(row) + "\n")
+    return single, multi
+
+
 def make_synthetic_dataset(
     root: str, seed: int = 0, num_train: int = 400, num_val: int = 60, num_test: int = 100, num_hard_pairs: int = 20
 ) -> dict[str, str]:
     """Write the synthetic dataset under ``root`` and return ``{split: manifest path}``.
 
     Besides ``train``, ``val`` and ``test``, the result names ``hard`` (mirrored clip pairs),
-    ``hard_negatives`` (their triples) and ``qa`` (questions on the test clips).
+    ``hard_negatives`` (their triples), ``qa`` (questions on the test clips), ``zs`` (``num_test //
+    2`` single-event clips labelled with their event type) and ``zs_multi`` (the test clips labelled
+    with their event types).
 
     Each parameter set gets its own sub-folder; a finished folder is reused at once. The folder is
     built under a temporary name and renamed when complete, so concurrent callers (several ranks)
@@ -399,7 +425,8 @@ def make_synthetic_dataset(
         raise ValueError(f"split sizes must be >= 0, got {sizes} and num_hard_pairs={num_hard_pairs}")
     name = f"v{GENERATOR_VERSION}-seed{seed}-{num_train}-{num_val}-{num_test}-{num_hard_pairs}"
     folder = os.path.join(root, name)
-    manifests = {split: os.path.join(folder, f"{split}.jsonl") for split in (*sizes, "hard", "hard_negatives", "qa")}
+    extras = ("hard", "hard_negatives", "qa", "zs", "zs_multi")
+    manifests = {split: os.path.join(folder, f"{split}.jsonl") for split in (*sizes, *extras)}
     if os.path.isfile(os.path.join(folder, "COMPLETE")):
         return manifests
     os.makedirs(root, exist_ok=True)
@@ -409,6 +436,7 @@ def make_synthetic_dataset(
             _write_split(scratch, split, size, seed, unique=split != "train")
         _write_hard_split(scratch, num_hard_pairs, seed)
         _write_qa(scratch, os.path.join(scratch, "test.jsonl"), seed)
+        _write_classification(scratch, os.path.join(scratch, "test.jsonl"), num_test // 2, seed)
         with open(os.path.join(scratch, "COMPLETE"), "w", encoding="utf-8") as handle:
             json.dump({"version": GENERATOR_VERSION, "seed": seed, **sizes, "hard_pairs": num_hard_pairs}, handle)
         os.rename(scratch, folder)
@@ -424,10 +452,12 @@ class SyntheticDataModule(RetrievalDataModule):
     """Retrieval data over generated compositional clips (see the module docstring).
 
     The data are generated in :meth:`prepare_data` (or on first use) and cached under ``root``.
-    The predict split is the test split. Testing runs three named sets: ``synthetic`` (the test
+    The predict split is the test split. Testing runs these named sets: ``synthetic`` (the test
     clips, with caption→caption retrieval and embedding diagnostics), ``synthetic_order`` (mirrored
-    clip pairs with hard negatives; left out when ``num_hard_pairs`` is 0) and ``synthetic_qa``
-    (QA by retrieval on the test clips, per category ``order`` / ``count``).
+    clip pairs with hard negatives; left out when ``num_hard_pairs`` is 0), ``synthetic_qa`` (QA by
+    retrieval on the test clips, per category ``order`` / ``count``), and two zero-shot
+    classification sets over the ten event types: ``synthetic_zs`` (single-event clips, top-1 /
+    top-5) and ``synthetic_zs_multi`` (the test clips, mAP), left out for fewer than 2 test clips.
 
     Args:
         root: cache folder of generated datasets.
@@ -474,6 +504,9 @@ class SyntheticDataModule(RetrievalDataModule):
             if self.sizes["num_hard_pairs"]:
                 sets["synthetic_order"] = EvalSet(paths["hard"], hard_negatives=paths["hard_negatives"])
             sets["synthetic_qa"] = EvalSet(paths["qa"], task="qa")
+            if self.sizes["num_test"] >= 2:
+                sets["synthetic_zs"] = EvalSet(paths["zs"], task="classification", templates=ZS_TEMPLATES)
+                sets["synthetic_zs_multi"] = EvalSet(paths["zs_multi"], task="classification", templates=ZS_TEMPLATES)
         self.named_sets["test"] = sets
 
     def prepare_data(self) -> None:

@@ -1,5 +1,10 @@
 """Retrieval metrics for the evaluation suite: audio-text (AudioCaps / Clotho protocol, DESIGN.md
-section 5), caption-caption, hard negatives and QA by retrieval.
+section 5), caption-caption, hard negatives, QA by retrieval and zero-shot classification.
+
+The functions compute what the model scores; the torchmetrics wrappers at the end gather the
+embeddings over processes and add each set's sizes (``n_audios``, ``n_texts``, ``n_queries``) and
+the chance level of every recall and accuracy (``chance/<group>/<metric>``, see
+:mod:`lightning_modules.chance`), so that a report can be read without knowing the set.
 
 Every ranking metric is built on one streaming engine, :func:`_probe_counts`. For each query it
 needs only a few "probe" candidates (the relevant items, a hard negative, the query itself when it
@@ -18,6 +23,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
+from lightning_modules import chance
 from lightning_modules.diagnostics import embedding_diagnostics
 
 RECALL_AT: tuple[int, ...] = (1, 5, 10)
@@ -49,6 +55,8 @@ def retrieval_metrics(
     chunk_size: int = 1024,
     block_size: int = 65536,
     names: tuple[str, str] = ("t2a", "a2t"),
+    text_groups: Tensor | None = None,
+    group_names: Sequence[str] = (),
 ) -> dict[str, Tensor]:
     """Text-to-audio and audio-to-text retrieval metrics over a whole evaluation set.
 
@@ -80,6 +88,12 @@ def retrieval_metrics(
       way CLAP-style evaluation code reports ``floor(median(0-based ranks)) + 1``.
     - ``meanr``: mean rank.
 
+    With ``text_groups`` (the query type of each caption, e.g. question / keyphrase / paraphrase, as
+    in Omni-Embed-Audio's user-intent evaluation), the text-to-audio numbers are also reported for
+    each type's captions alone, under ``"<names[0]>/<type name>/<name>"``; a caption's rank does not
+    depend on the other queries, so these are the overall numbers restricted to that type. Types
+    without captions are left out.
+
     Args:
         audio_emb: ``(Na, D)`` audio embeddings.
         audio_ids: ``(Na,)`` integer clip ids, unique.
@@ -92,13 +106,17 @@ def retrieval_metrics(
         block_size: candidates scored at a time. At most ``chunk_size * block_size`` float32 scores
             exist at once (256 MB for the defaults); the results do not depend on either size.
         names: key prefixes for (text -> audio, audio -> text).
+        text_groups: optional ``(Nt,)`` index into ``group_names`` of each caption's query type,
+            -1 for none.
+        group_names: names of the query types.
 
     Returns:
-        ``R@1, R@5, R@10, mAP@10, medr, meanr`` under each of the two prefixes.
+        ``R@1, R@5, R@10, mAP@10, medr, meanr`` under each of the two prefixes (and per query type).
 
     Raises:
         ValueError: on mismatched shapes, duplicate audio ids or caption keys, non-finite embeddings,
-            a caption without its audio, or an audio without captions.
+            a caption without its audio, an audio without captions, or query-type indices out of
+            range.
     """
     _check_sizes(chunk_size, block_size)
     if len(names) != 2 or not all(isinstance(n, str) and n for n in names) or names[0] == names[1]:
@@ -110,9 +128,11 @@ def retrieval_metrics(
         raise ValueError("audio_ids must be unique; deduplicate gathered audios first")
     # Sorting both sides by clip id makes each query chunk's relevant items one contiguous stretch
     # of candidates, so the streaming engine finds them in one or two candidate blocks.
+    if text_groups is not None:
+        text_groups = _check_index("text_groups", text_groups, text_ids.numel(), len(group_names), allow_minus_one=True)
     audio_ids, by_id = audio_ids.sort()
     audio_emb = audio_emb[by_id]
-    text_emb, text_ids = _sort_captions(text_emb, text_ids, text_keys)
+    text_emb, text_ids, text_groups = _sort_captions(text_emb, text_ids, text_keys, text_groups)
 
     text_target = torch.searchsorted(audio_ids, text_ids).clamp(max=audio_ids.numel() - 1)
     if not torch.equal(audio_ids[text_target], text_ids):
@@ -134,6 +154,11 @@ def retrieval_metrics(
     metrics = {}
     for prefix, summary in ((names[0], _summarise(t2a_ranks, one)), (names[1], _summarise(a2t_ranks, counts))):
         metrics.update({f"{prefix}/{name}": value for name, value in summary.items()})
+    for index, group in enumerate(group_names if text_groups is not None else ()):
+        members = text_groups == index
+        if members.any():
+            summary = _summarise(t2a_ranks[members], one[members])
+            metrics.update({f"{names[0]}/{group}/{name}": value for name, value in summary.items()})
     return metrics
 
 
@@ -170,7 +195,7 @@ def text_text_metrics(
     """
     _check_sizes(chunk_size, block_size)
     text_emb, text_ids = _check_embeddings("caption", text_emb, text_ids)
-    text_emb, text_ids = _sort_captions(text_emb, text_ids, text_keys)
+    text_emb, text_ids, _ = _sort_captions(text_emb, text_ids, text_keys)
     clip_ids, starts, counts = _clip_blocks(text_ids)
     if counts.max() < 2:
         raise ValueError("caption-caption retrieval needs at least one clip with two or more captions")
@@ -285,7 +310,9 @@ def qa_accuracy(
     - ``qa/accuracy``: % of questions answered correctly.
     - ``qa/accuracy/<category name>``: the same within each category that has questions (categories
       without any are left out rather than reported as NaN).
-    - ``qa/chance``: expected accuracy of guessing, the mean over questions of 1 / #choices.
+
+    The chance level (the mean over questions of 1 / #choices) is added by
+    :class:`QARetrievalAccuracy`.
 
     Args:
         query_emb: ``(Nq, D)`` question embeddings.
@@ -321,7 +348,6 @@ def qa_accuracy(
     best_other = torch.full((num_queries,), -torch.inf, device=scores.device)
     best_other.scatter_reduce_(0, choice_item, scores.masked_fill(is_answer, -torch.inf), reduce="amax")
     correct = (scores[answer_choice] > best_other).double()
-    num_choices = torch.bincount(choice_item, minlength=num_queries).double()
 
     out = {"qa/accuracy": correct.mean() * 100}
     if categories is not None:
@@ -330,8 +356,70 @@ def qa_accuracy(
             members = categories == index
             if members.any():
                 out[f"qa/accuracy/{name}"] = correct[members].mean() * 100
-    out["qa/chance"] = (1 / num_choices).mean() * 100
     return {name: value.float() for name, value in out.items()}
+
+
+def zero_shot_metrics(
+    audio_emb: Tensor, class_emb: Tensor, targets: Tensor, multi_label: bool, ks: Sequence[int] = (1, 5)
+) -> dict[str, Tensor]:
+    """Zero-shot classification (CLAP protocol, DESIGN.md section 9): every clip scores every class
+    embedding (float32 dot product); ties count against the model.
+
+    Single-label sets (ESC-50, UrbanSound8K, VGGSound; each row of ``targets`` has one class): the
+    rank of a clip's class is ``1 + #{c != y: s_c >= s_y}``, and
+
+    - ``zs/top<k>``: % of clips whose class ranks <= k (for each k of ``ks``; 100 when k >= #classes).
+
+    Multi-label sets (AudioSet, FSD50K): for each class with at least one positive clip, the clips
+    are ranked by their score for that class, a positive's rank counting every negative clip with
+    an equal or higher score (positives tied with each other take consecutive ranks in either
+    order, which the AP does not depend on). With the positives' ranks sorted, r_1 < r_2 < ...,
+    AP = mean over i of i / r_i, and
+
+    - ``zs/mAP``: % mean AP over the classes with positives (classes without any are left out:
+      their AP is undefined, e.g. in a partial evaluation).
+
+    The whole ``(clips, classes)`` score matrix is built at once (20k AudioSet clips x 527 classes
+    is 42 MB in float32).
+
+    Args:
+        audio_emb: ``(N, D)`` clip embeddings.
+        class_emb: ``(C, D)`` class embeddings.
+        targets: ``(N, C)`` bool, ``targets[i, c]`` when clip i belongs to class c.
+        multi_label: report ``zs/mAP`` (``True``) or ``zs/top<k>`` (``False``).
+        ks: cut-offs of the single-label top-k accuracy.
+
+    Raises:
+        ValueError: on bad shapes, non-finite embeddings, a single-label row without exactly one
+            class, a multi-label set without any positive, or a non-positive ``k``.
+    """
+    audio_emb = _check_embeddings("clip", audio_emb)[0]
+    class_emb = _check_embeddings("class", class_emb)[0]
+    _check_same_dim(("clip", audio_emb), ("class", class_emb))
+    if targets.shape != (audio_emb.shape[0], class_emb.shape[0]):
+        expected = (audio_emb.shape[0], class_emb.shape[0])
+        raise ValueError(f"targets must have shape {expected}, got {tuple(targets.shape)}")
+    targets = targets.bool()
+    scores = audio_emb @ class_emb.T
+    if not multi_label:
+        if not bool((targets.sum(1) == 1).all()):
+            raise ValueError("a single-label set needs exactly one class per clip")
+        if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
+            raise ValueError(f"ks must be positive integers, got {ks!r}")
+        true_score = scores.gather(1, targets.long().argmax(1, keepdim=True))
+        # The count includes the true class itself, so it is already 1 + #{others >= it}.
+        rank = (scores >= true_score).sum(1)
+        return {f"zs/top{k}": ((rank <= k).double().mean() * 100).float() for k in ks}
+    positives = targets.sum(0)
+    if not bool((positives > 0).any()):
+        raise ValueError("no class has a positive clip")
+    # Best first; at equal scores negatives go first (stable sorts: by label, then by score).
+    by_label = torch.sort(targets.to(torch.uint8), dim=0, stable=True).indices
+    by_score = torch.sort(scores.gather(0, by_label), dim=0, descending=True, stable=True).indices
+    hit = targets.gather(0, by_label.gather(0, by_score)).double()
+    rank = torch.arange(1, scores.shape[0] + 1, dtype=torch.float64, device=scores.device).unsqueeze(1)
+    average_precision = (hit * hit.cumsum(0) / rank).sum(0)[positives > 0] / positives[positives > 0]
+    return {"zs/mAP": (average_precision.mean() * 100).float()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,8 +475,11 @@ def _check_index(name: str, index: Tensor, length: int, bound: int, allow_minus_
     return index
 
 
-def _sort_captions(text_emb: Tensor, text_ids: Tensor, text_keys: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Sort captions by (clip id, key) so each clip's captions form one block in tie-break order."""
+def _sort_captions(
+    text_emb: Tensor, text_ids: Tensor, text_keys: Tensor | None, extra: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Sort captions (and ``extra``, one entry per caption) by (clip id, key), so each clip's
+    captions form one block in tie-break order."""
     if text_keys is not None:
         if text_keys.shape != text_ids.shape:
             raise ValueError(f"text_keys shape {tuple(text_keys.shape)} != text_ids shape {tuple(text_ids.shape)}")
@@ -398,9 +489,10 @@ def _sort_captions(text_emb: Tensor, text_ids: Tensor, text_keys: Tensor | None)
             raise ValueError("text_keys must be unique; deduplicate gathered captions first")
         by_key = text_keys.argsort()
         text_emb, text_ids = text_emb[by_key], text_ids[by_key]
+        extra = None if extra is None else extra[by_key]
     # Stable, so the key order survives within a clip.
     by_id = torch.sort(text_ids, stable=True).indices
-    return text_emb[by_id], text_ids[by_id]
+    return text_emb[by_id], text_ids[by_id], None if extra is None else extra[by_id]
 
 
 def _clip_blocks(sorted_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -642,6 +734,13 @@ class AudioTextRetrieval(Metric):
     would silently drop them. :meth:`compute_with` gathers the states through the same
     ``sync_context`` the wrapper uses and never touches that cache.
 
+    Besides the metrics, the results hold the set's sizes after deduplication (``n_audios``,
+    ``n_texts``; with hard negatives ``n_queries``, the triples scored) and the chance level of
+    every recall, mAP@10 and mean rank (``chance/t2a/R@1``, ``chance/a2t/mAP@10``,
+    ``chance/hn/HNSR@1``, ...; :mod:`lightning_modules.chance`): T2A has ``n_audios`` candidates
+    and one relevant, A2T ``n_texts`` candidates and the clip's captions relevant, caption-caption
+    ``n_texts - 1`` candidates and the siblings relevant.
+
     Args:
         chunk_size: queries scored at a time.
         block_size: candidates scored at a time (see :func:`retrieval_metrics`).
@@ -649,6 +748,8 @@ class AudioTextRetrieval(Metric):
         text_text: also report caption-caption retrieval (:func:`text_text_metrics`, ``t2t/...``).
         diagnostics: also report :func:`~lightning_modules.diagnostics.embedding_diagnostics`
             (``diag/...``).
+        query_types: names of the captions' query types; ``update`` then takes each caption's type
+            index and T2A is also reported per type (``t2a/<type>/R@1``, ...).
         kwargs: passed to :class:`torchmetrics.Metric` (``sync_on_compute``, ``process_group``, ...).
 
     Example:
@@ -671,6 +772,7 @@ class AudioTextRetrieval(Metric):
         names: tuple[str, str] = ("t2a", "a2t"),
         text_text: bool = False,
         diagnostics: bool = False,
+        query_types: Sequence[str] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -680,7 +782,8 @@ class AudioTextRetrieval(Metric):
         self.names = tuple(names)
         self.text_text = text_text
         self.diagnostics = diagnostics
-        for name in ("audio_emb", "audio_ids", "text_emb", "text_ids", "text_keys"):
+        self.query_types = None if query_types is None else list(query_types)
+        for name in ("audio_emb", "audio_ids", "text_emb", "text_ids", "text_keys", "text_groups"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(
@@ -690,6 +793,7 @@ class AudioTextRetrieval(Metric):
         text_emb: Tensor,
         text_ids: Tensor,
         text_keys: Tensor,
+        text_groups: Tensor | None = None,
     ) -> None:
         """Store a batch.
 
@@ -699,6 +803,8 @@ class AudioTextRetrieval(Metric):
             text_emb: ``(Nt, D)`` L2-normalised caption embeddings (``Nt`` may be 0).
             text_ids: ``(Nt,)`` clip index of the audio each caption describes.
             text_keys: ``(Nt,)`` integer key unique to each caption across the evaluation set.
+            text_groups: ``(Nt,)`` index into ``query_types`` of each caption, -1 for none; given
+                exactly when the metric has ``query_types``.
         """
         if audio_emb.ndim != 2 or text_emb.ndim != 2:
             raise ValueError(f"embeddings must be 2-D, got {tuple(audio_emb.shape)} and {tuple(text_emb.shape)}")
@@ -714,10 +820,18 @@ class AudioTextRetrieval(Metric):
         self.text_emb.append(text_emb.detach())
         self.text_ids.append(text_ids.detach().long())
         self.text_keys.append(text_keys.detach().long())
+        if (text_groups is None) != (self.query_types is None):
+            raise ValueError("text_groups must be given exactly when the metric has query_types")
+        if text_groups is not None:
+            if text_groups.shape != text_ids.shape:
+                raise ValueError(
+                    f"text_groups {tuple(text_groups.shape)} does not match text_ids {tuple(text_ids.shape)}"
+                )
+            self.text_groups.append(text_groups.detach().long())
 
     def compute(self) -> dict[str, Tensor]:
         """Gathered, deduplicated metrics: :func:`retrieval_metrics`, plus ``t2t/...`` and
-        ``diag/...`` when enabled. Hard negatives need :meth:`compute_with`."""
+        ``diag/...`` when enabled, sizes and chance levels. Hard negatives need :meth:`compute_with`."""
         return self._evaluate(None)
 
     def compute_with(
@@ -733,8 +847,8 @@ class AudioTextRetrieval(Metric):
                 the complete set on every process.
             drop_missing: leave out the triples whose target or negative was not embedded (a partial
                 evaluation: ``limit_test_batches``, the sanity check, clips skipped at decode time)
-                instead of raising; ``hn/queries`` counts the triples scored, and no other ``hn/``
-                key is reported when none is left.
+                instead of raising; ``n_queries`` counts the triples scored, and no ``hn/`` key is
+                reported when none is left.
 
         Raises:
             ValueError: naming a target or negative id that is not among the gathered audios
@@ -756,10 +870,22 @@ class AudioTextRetrieval(Metric):
         audio_emb, audio_ids = dim_zero_cat(self.audio_emb)[keep_audio], audio_ids[keep_audio]
         text_emb, text_ids = dim_zero_cat(self.text_emb)[keep_text], dim_zero_cat(self.text_ids)[keep_text]
         text_keys = text_keys[keep_text]
+        groups = {}
+        if self.query_types is not None:
+            groups = {"text_groups": dim_zero_cat(self.text_groups)[keep_text], "group_names": self.query_types}
         sizes = {"chunk_size": self.chunk_size, "block_size": self.block_size}
-        out = retrieval_metrics(audio_emb, audio_ids, text_emb, text_ids, text_keys, names=self.names, **sizes)
+        out = retrieval_metrics(
+            audio_emb, audio_ids, text_emb, text_ids, text_keys, names=self.names, **sizes, **groups
+        )
+        num_audios, num_texts = audio_ids.numel(), text_ids.numel()
+        out.update(_size_values(n_audios=num_audios, n_texts=num_texts))
+        captions = torch.unique(text_ids, return_counts=True)[1]  # per audio: retrieval_metrics checked both ways
+        out.update(_retrieval_chance(self.names[0], num_audios, torch.ones(num_texts)))
+        out.update(_retrieval_chance(self.names[1], num_texts, captions))
         if self.text_text:
             out.update(text_text_metrics(text_emb, text_ids, text_keys, **sizes))
+            siblings = (captions - 1).repeat_interleave(captions)
+            out.update(_retrieval_chance("t2t", num_texts - 1, siblings[siblings > 0]))
         if self.diagnostics:
             out.update(embedding_diagnostics(audio_emb, audio_ids, text_emb, text_ids))
         if hard_negatives is not None:
@@ -770,9 +896,9 @@ class AudioTextRetrieval(Metric):
             if drop_missing:
                 present = torch.isin(target_ids, audio_ids) & torch.isin(negative_ids, audio_ids)
                 query_emb, target_ids, negative_ids = query_emb[present], target_ids[present], negative_ids[present]
-                out["hn/queries"] = torch.tensor(float(present.sum()))
-                if not present.any():
-                    return out
+            out.update(_size_values(n_queries=target_ids.numel()))
+            if not target_ids.numel():
+                return out
             sorted_ids, order = audio_ids.sort()
             where = "the gathered audio ids"
             rows = [
@@ -780,6 +906,9 @@ class AudioTextRetrieval(Metric):
                 for what, ids in (("target", target_ids), ("negative", negative_ids))
             ]
             out.update(hard_negative_metrics(query_emb, audio_emb, *rows, **sizes))
+            for k in RECALL_AT:
+                out[f"chance/hn/HNSR@{k}"] = (chance.hard_negative_success(num_audios, k) * 100).float()
+                out[f"chance/hn/R@{k}"] = (chance.recall_at_k(num_audios, 1, k) * 100).float()
         return out
 
 
@@ -790,8 +919,10 @@ class QARetrievalAccuracy(Metric):
     index and a key unique to the choice (e.g. ``item_index * 1000 + j``); each question names the
     key of its correct answer. ``compute`` gathers everything (list states reduced by ``cat``),
     deduplicates questions by item index and choices by key, because distributed samplers repeat
-    items to pad the last batch (see :class:`AudioTextRetrieval`), and reports ``qa/accuracy``,
-    ``qa/accuracy/<category>`` and ``qa/chance`` in percent.
+    items to pad the last batch (see :class:`AudioTextRetrieval`), and reports ``qa/accuracy`` and
+    ``qa/accuracy/<category>`` in percent, with their chance levels (``chance/qa/accuracy...``, the
+    mean over the questions of 1 / #choices) and the sizes (``n_audios`` = ``n_queries``: the
+    questions, each with its clip; ``n_texts``: the choices).
 
     Args:
         category_names: names indexed by ``category_index``; ``None`` reports no per-category
@@ -871,7 +1002,7 @@ class QARetrievalAccuracy(Metric):
         categories = None
         if self.category_names is not None:
             categories = dim_zero_cat(self.category)[keep_query]
-        return qa_accuracy(
+        out = qa_accuracy(
             dim_zero_cat(self.query_emb)[keep_query],
             dim_zero_cat(self.choice_emb)[keep_choice],
             choice_item,
@@ -879,6 +1010,95 @@ class QARetrievalAccuracy(Metric):
             categories,
             self.category_names,
         )
+        questions = query_index.numel()
+        out.update(_size_values(n_audios=questions, n_texts=choice_key.numel(), n_queries=questions))
+        guess = 1 / torch.bincount(choice_item, minlength=query_index.numel()).double()
+        out["chance/qa/accuracy"] = (guess.mean() * 100).float()
+        for index, name in enumerate(self.category_names or ()):
+            if f"qa/accuracy/{name}" in out:
+                out[f"chance/qa/accuracy/{name}"] = (guess[categories == index].mean() * 100).float()
+        return out
+
+
+class ZeroShotClassification(Metric):
+    """Zero-shot classification (:func:`zero_shot_metrics`), gathered over processes.
+
+    Clip embeddings arrive in batches with their clip index and their ``(B, C)`` multi-hot targets;
+    the class embeddings are computed once per evaluation (the class prompts, on every process
+    alike) and passed to :meth:`compute_with`, which gathers the clips (list states reduced by
+    ``cat``), deduplicates them by clip index (distributed samplers repeat clips to pad the last
+    batch) and reports ``zs/top1``, ``zs/top5`` (single-label) or ``zs/mAP`` (multi-label) in
+    percent, with their chance levels (``chance/zs/top<k>`` = min(k, C) / C; ``chance/zs/mAP`` the
+    mean over the classes with positives of the expected AP of a random clip order) and the sizes
+    (``n_audios`` = ``n_queries``: the clips; ``n_texts``: the classes).
+
+    Args:
+        multi_label: multi-label set (``zs/mAP``) or single-label (``zs/top<k>``).
+        ks: cut-offs of the single-label top-k accuracy.
+        kwargs: passed to :class:`torchmetrics.Metric`.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, multi_label: bool, ks: Sequence[int] = (1, 5), **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.multi_label = multi_label
+        self.ks = tuple(ks)
+        for name in ("audio_emb", "clip_index", "targets"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, audio_emb: Tensor, clip_index: Tensor, targets: Tensor) -> None:
+        """Store a batch: ``(B, D)`` clip embeddings, ``(B,)`` clip indices, ``(B, C)`` bool targets."""
+        if audio_emb.ndim != 2 or clip_index.shape != (audio_emb.shape[0],) or targets.shape[:1] != clip_index.shape:
+            raise ValueError(
+                f"expected (B, D) embeddings, (B,) clip indices and (B, C) targets, got {tuple(audio_emb.shape)}, "
+                f"{tuple(clip_index.shape)} and {tuple(targets.shape)}"
+            )
+        self.audio_emb.append(audio_emb.detach())
+        self.clip_index.append(clip_index.detach().long())
+        # uint8, not bool: every collective backend gathers bytes.
+        self.targets.append(targets.detach().to(torch.uint8))
+
+    def compute(self) -> dict[str, Tensor]:
+        raise TypeError("zero-shot classification needs the class embeddings: call compute_with(class_emb)")
+
+    def compute_with(self, class_emb: Tensor) -> dict[str, Tensor]:
+        """Gathered, deduplicated :func:`zero_shot_metrics` against ``(C, D)`` class embeddings
+        (used as given: pass the same on every process), with sizes and chance levels."""
+        with self.sync_context(
+            dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync
+        ):
+            _require_updates(self, self.clip_index)
+            keep = _first_occurrence(dim_zero_cat(self.clip_index))
+            audio_emb = dim_zero_cat(self.audio_emb)[keep]
+            targets = dim_zero_cat(self.targets)[keep].bool()
+        out = zero_shot_metrics(audio_emb, class_emb.to(audio_emb.device), targets, self.multi_label, self.ks)
+        num_clips, num_classes = targets.shape
+        out.update(_size_values(n_audios=num_clips, n_texts=num_classes, n_queries=num_clips))
+        if self.multi_label:
+            positives = targets.sum(0)
+            expected = chance.average_precision(num_clips, positives[positives > 0])
+            out["chance/zs/mAP"] = (expected.mean() * 100).float()
+        else:
+            for k in self.ks:
+                out[f"chance/zs/top{k}"] = torch.tensor(100 * min(k, num_classes) / num_classes)
+        return out
+
+
+def _size_values(**sizes: int) -> dict[str, Tensor]:
+    """Set sizes as float tensors, like every other logged value."""
+    return {name: torch.tensor(float(value)) for name, value in sizes.items()}
+
+
+def _retrieval_chance(prefix: str, num_candidates: int, num_relevant: Tensor) -> dict[str, Tensor]:
+    """Chance levels of ``R@k``, ``mAP@10`` and ``meanr`` over queries with ``num_relevant`` each."""
+    n, m = num_candidates, num_relevant
+    out = {f"chance/{prefix}/R@{k}": chance.recall_at_k(n, m, k).mean() * 100 for k in RECALL_AT}
+    out[f"chance/{prefix}/mAP@{MAP_CUTOFF}"] = chance.average_precision(n, m, MAP_CUTOFF).mean() * 100
+    out[f"chance/{prefix}/meanr"] = chance.mean_best_rank(n, m).mean()
+    return {name: value.float() for name, value in out.items()}
 
 
 def score_matrix_metrics(scores: Tensor, relevant: Tensor, prefix: str, chunk_size: int = 256) -> dict[str, Tensor]:

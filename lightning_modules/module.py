@@ -93,8 +93,10 @@ class EmbeddingModule(FineTuneModule):
         pooled = self.pooler(self.backbone(inputs))
         return F.normalize(self.head(pooled, modality).float(), dim=-1)
 
-    def embed_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.embed(batch["query"], batch["query_modality"]), self.embed(batch["document"], batch["document_modality"])
+    def embed_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Query and document embeddings of a batch (no documents: ``None``, e.g. classification)."""
+        document = None if batch["document"] is None else self.embed(batch["document"], batch["document_modality"])
+        return self.embed(batch["query"], batch["query_modality"]), document
 
     def batch_info(self, batch: dict[str, Any]) -> BatchInfo:
         """The collator's :class:`BatchInfo`, plus the guide's scores when there is a guide."""
@@ -157,12 +159,12 @@ class EmbeddingModule(FineTuneModule):
         """Compute, log and return every set's metrics (``<stage>/<set>/...``) and their means."""
         values: dict[str, torch.Tensor] = {}
         for evaluator in self.evaluators(stage):
-            queries = evaluator.hard_negative_queries()
-            hard_negatives = None
-            if queries is not None:
+            texts = evaluator.extra_texts()  # hard-negative queries, class prompts
+            extra = None
+            if texts:
                 with torch.no_grad():
-                    hard_negatives = (self._embed_texts(queries), *evaluator.hard_negative_ids(self.device))
-            values.update(evaluator.compute(stage, hard_negatives))
+                    extra = self._embed_texts(texts)
+            values.update(evaluator.compute(stage, extra))
         values.update(mean_over_sets(values, stage))
         self._evaluators.pop(stage, None)
         # compute() already gathered every rank's embeddings: the values are global, not per rank.
@@ -170,7 +172,7 @@ class EmbeddingModule(FineTuneModule):
         return {k: float(v) for k, v in values.items()}
 
     def _embed_texts(self, texts: list[EmbedInput], batch_size: int = 32) -> torch.Tensor:
-        """Document-side embeddings of extra texts (hard-negative queries), on every rank alike."""
+        """Document-side embeddings of an evaluator's extra texts, on every rank alike."""
         parts = []
         for begin in range(0, len(texts), batch_size):
             inputs = self.collate.backbone_collator(texts[begin : begin + batch_size])

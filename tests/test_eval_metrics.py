@@ -18,6 +18,7 @@ from test_metrics import (
     feed_qa,
     integer_rows,
     make_dataset,
+    model_values,
     qa_batches,
     qa_data,
     reference,
@@ -173,11 +174,12 @@ def reference_qa(query_emb, choice_emb, choice_item, answer_choice, categories, 
         mine = [c for c, item in enumerate(items) if item == q]
         correct.append(all(scores[a] > scores[c] for c in mine if c != a))
         chance.append(1 / len(mine))
-    out = {"qa/accuracy": 100 * sum(correct) / len(correct), "qa/chance": 100 * sum(chance) / len(chance)}
+    out = {"qa/accuracy": 100 * sum(correct) / len(correct), "chance/qa/accuracy": 100 * sum(chance) / len(chance)}
     for index, name in enumerate(names):
-        members = [ok for ok, cat in zip(correct, categories.tolist()) if cat == index]
+        members = [i for i, cat in enumerate(categories.tolist()) if cat == index]
         if members:
-            out[f"qa/accuracy/{name}"] = 100 * sum(members) / len(members)
+            out[f"qa/accuracy/{name}"] = 100 * sum(correct[i] for i in members) / len(members)
+            out[f"chance/qa/accuracy/{name}"] = 100 * sum(chance[i] for i in members) / len(members)
     return out
 
 
@@ -185,7 +187,7 @@ def reference_qa(query_emb, choice_emb, choice_item, answer_choice, categories, 
 def test_qa_accuracy_matches_reference(seed):
     data = qa_data(500 + seed)
     names = ["sound", "music", "speech"]
-    expected = reference_qa(*data, names)
+    expected = model_values(reference_qa(*data, names))
     assert "qa/accuracy/speech" not in expected
     assert_close(qa_accuracy(*data, category_names=names), expected, list(expected))
 
@@ -198,7 +200,12 @@ def test_qa_ties_count_as_wrong():
     choice_item = torch.tensor([0, 0, 1, 1, 2])
     result = qa_accuracy(query, choices, choice_item, torch.tensor([0, 2, 4]))
     assert result["qa/accuracy"].item() == pytest.approx(200 / 3)
-    assert result["qa/chance"].item() == pytest.approx(100 * (1 / 2 + 1 / 2 + 1) / 3)
+    metric = QARetrievalAccuracy()
+    metric.update(query, torch.arange(3), choices, choice_item, torch.arange(5), torch.tensor([0, 2, 4]),
+                  torch.full((3,), -1))  # fmt: skip
+    result = metric.compute()
+    assert result["chance/qa/accuracy"].item() == pytest.approx(100 * (1 / 2 + 1 / 2 + 1) / 3)
+    assert [result[k].item() for k in ("n_audios", "n_texts", "n_queries")] == [3, 5, 3]
 
 
 def test_qa_rejects_answer_of_another_question():
@@ -359,8 +366,20 @@ def test_audio_text_metric_with_all_extras_equals_functions():
     hn = hard_negative_metrics(hn_query, audio_emb, target_rows, negative_rows)
     diag = embedding_diagnostics(audio_emb, audio_ids, text_emb, text_ids)
 
-    assert {k.split("/")[0] for k in plain} == {"t2s", "s2t", "t2t", "diag"}
-    assert sorted(with_hn) == sorted([*plain, *hn])
+    assert {k.split("/")[0] for k in model_values(plain)} == {"t2s", "s2t", "t2t", "diag"}
+    assert {k.split("/")[1] for k in plain if k.startswith("chance/")} == {"t2s", "s2t", "t2t"}
+    hn_chance = [f"chance/hn/{m}@{k}" for m in ("HNSR", "R") for k in (1, 5, 10)]
+    assert sorted(with_hn) == sorted([*plain, *hn, *hn_chance, "n_queries"])
+    # deduplicated sizes; the caption-caption chance counts the other captions only
+    assert (with_hn["n_audios"].item(), with_hn["n_texts"].item(), with_hn["n_queries"].item()) == (
+        20, text_ids.numel(), 9
+    )
+    _, counts = torch.unique(text_ids, return_counts=True)
+    siblings = torch.cat([torch.full((int(c),), int(c) - 1) for c in counts if c > 1])
+    n = text_ids.numel() - 1
+    t2t_r1 = sum(m / n for m in siblings.tolist()) / len(siblings)  # P(the top candidate is a sibling)
+    assert with_hn["chance/t2t/R@1"].item() == pytest.approx(100 * t2t_r1, rel=1e-5)
+    assert with_hn["chance/hn/HNSR@1"].item() == pytest.approx(100 * (19 / 20) / 19, rel=1e-5)
     for key, value in {**expected, **hn}.items():
         assert torch.equal(with_hn[key], value), key
     for key, value in diag.items():  # row order differs after dedup, so float sums may differ in the last bit
@@ -386,10 +405,16 @@ def test_qa_metric_deduplicates_and_matches_function():
     query_emb, choice_emb, choice_item, answer_choice, categories = qa_data(800, num_queries=12)
     expected = qa_accuracy(query_emb, choice_emb, choice_item, answer_choice, categories, names)
     result = metric.compute()
-    assert sorted(result) == sorted(expected) and all(torch.equal(result[k], expected[k]) for k in expected)
+    assert sorted(model_values(result)) == sorted(expected)
+    assert all(torch.equal(result[k], expected[k]) for k in expected)
+    reference = reference_qa(query_emb, choice_emb, choice_item, answer_choice, categories, names)
+    for key in [k for k in reference if k.startswith("chance/")]:
+        assert result[key].item() == pytest.approx(reference[key], abs=1e-4), key
+    chance_keys = sorted(k for k in reference if k.startswith("chance/"))
+    assert sorted(k for k in result if k.startswith("chance/")) == chance_keys
     no_names = QARetrievalAccuracy()
     feed_qa(no_names, *data, items=range(12))
-    assert sorted(no_names.compute()) == ["qa/accuracy", "qa/chance"]
+    assert sorted(no_names.compute()) == ["chance/qa/accuracy", "n_audios", "n_queries", "n_texts", "qa/accuracy"]
 
 
 def test_qa_metric_rejects_answer_not_among_choices():

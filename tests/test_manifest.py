@@ -90,6 +90,10 @@ GOOD = json.dumps({"audio": "clips/a.wav", "caption": "fine", "id": "one"})
         (json.dumps({"audio": "clips/b.wav", "caption": "x", "tags": [1, 2]}), "tags"),
         (json.dumps({"audio": "clips/missing.wav", "caption": "x"}), "missing.wav"),
         (json.dumps({"audio": "clips/b.wav", "caption": "x", "id": "one"}), "duplicate clip id 'one'"),
+        (json.dumps({"audio": "clips/b.wav", "label": ""}), "'label' must be a non-empty string"),
+        (json.dumps({"audio": "clips/b.wav", "label": ["dog"]}), "'label' must be a non-empty string"),
+        (json.dumps({"audio": "clips/b.wav", "labels": []}), "'labels' must be a non-empty string or"),
+        (json.dumps({"audio": "clips/b.wav", "caption": "x", "query_type": [1]}), "'query_type' entries"),
     ],
 )
 def test_jsonl_errors_name_manifest_and_line(audio_root, tmp_path, bad_row, expected):

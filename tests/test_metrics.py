@@ -14,10 +14,12 @@ from lightning_modules import metrics
 from lightning_modules.metrics import (
     AudioTextRetrieval,
     QARetrievalAccuracy,
+    ZeroShotClassification,
     hard_negative_metrics,
     qa_accuracy,
     retrieval_metrics,
     text_text_metrics,
+    zero_shot_metrics,
 )
 
 KEYS = [f"{d}/{m}" for d in ("t2a", "a2t") for m in ("R@1", "R@5", "R@10", "mAP@10", "medr", "meanr")]
@@ -72,6 +74,11 @@ def reference(audio_emb, audio_ids, text_emb, text_ids, text_keys, sort_ranks=Tr
         best.append(min(ranks))
     a2t = _summary(best, aps)
     return {**{f"t2a/{k}": v for k, v in t2a.items()}, **{f"a2t/{k}": v for k, v in a2t.items()}}
+
+
+def model_values(result):
+    """The model's metrics of a Metric class's result, without the set sizes and chance levels."""
+    return {k: v for k, v in result.items() if not k.startswith("chance/") and not k.startswith("n_")}
 
 
 def assert_matches(result, expected):
@@ -236,7 +243,16 @@ def test_hand_worked_example():
     assert reference(*data) == pytest.approx(expected)
     metric = AudioTextRetrieval()
     metric.update(*data)
-    assert_matches(metric.compute(), expected)
+    result = metric.compute()
+    assert_matches(model_values(result), expected)
+    # Chance, by hand: T2A 2 audios, 1 relevant; A2T 4 captions, 2 relevant. R@1 = 1/2 both ways;
+    # A2T AP over the 6 equally likely rank pairs {1,2}, {1,3}, ..., {3,4}:
+    # (1 + 5/6 + 3/4 + 7/12 + 1/2 + 5/12) / 6 = 49/72; best rank (4 + 1) / (2 + 1).
+    chance = {"n_audios": 2, "n_texts": 4, "chance/t2a/R@1": 50, "chance/t2a/R@5": 100, "chance/t2a/mAP@10": 75,
+              "chance/t2a/meanr": 1.5, "chance/a2t/R@1": 50, "chance/a2t/R@5": 100,
+              "chance/a2t/mAP@10": 100 * 49 / 72, "chance/a2t/meanr": 5 / 3}  # fmt: skip
+    for key, value in chance.items():
+        assert result[key].item() == pytest.approx(value), key
 
 
 def test_map_sorts_relevant_ranks():
@@ -276,6 +292,35 @@ def test_chunk_size_does_not_change_results(counting):
     for chunk_size in (1, 2, 5, 36, 37, 38):
         result = retrieval_metrics(*data, chunk_size=chunk_size)
         assert all(torch.equal(result[k], full[k]) for k in KEYS), chunk_size
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_query_types_match_reference(seed):
+    g = torch.Generator().manual_seed(40 + seed)
+    audio_emb, audio_ids, text_emb, text_ids, text_keys = make_dataset(15, 3, (1, 5), g, levels=1, duplicate_rows=6)
+    groups = torch.randint(-1, 3, text_ids.shape, generator=g)  # type 2 may stay empty; -1 is untyped
+    groups[groups == 2] = 1
+    names = ["keyphrase", "question", "negative"]
+    data = audio_emb, audio_ids, text_emb, text_ids, text_keys
+    result = retrieval_metrics(*data, text_groups=groups, group_names=names)
+    scores = (text_emb.double() @ audio_emb.double().T).tolist()
+    audios = list(range(audio_ids.numel()))
+    ranks = []
+    for q in range(text_ids.numel()):
+        (target,) = [i for i in audios if audio_ids[i] == text_ids[q]]
+        ranks.append(_ranked(audios, scores[q], {target}, audios).index(target) + 1)
+    for index, name in enumerate(names):
+        mine = [r for r, group in zip(ranks, groups.tolist()) if group == index]
+        if not mine:
+            assert not any(k.startswith(f"t2a/{name}/") for k in result)
+            continue
+        expected = _summary(mine, [1 / r if r <= 10 else 0.0 for r in mine])
+        for key, value in expected.items():
+            assert result[f"t2a/{name}/{key}"].item() == pytest.approx(value, abs=1e-4), (name, key)
+    overall = retrieval_metrics(*data)
+    assert all(torch.equal(result[k], overall[k]) for k in KEYS)  # the overall numbers are unchanged
+    with pytest.raises(ValueError, match="text_groups out of range"):
+        retrieval_metrics(*data, text_groups=groups, group_names=names[:1])
 
 
 def test_direction_names_only_rename_keys():
@@ -416,6 +461,16 @@ def _ddp_hard_negatives():
     return integer_rows(4, 4, torch.Generator().manual_seed(12)), audio_ids[:4], audio_ids[4:8]
 
 
+def _ddp_query_types(text_keys):
+    """-1 (no type), 0 or 1 by caption key."""
+    return text_keys % 3 - 1
+
+
+def _ddp_classification():
+    g = torch.Generator().manual_seed(13)
+    return integer_rows(13, 4, g), integer_rows(5, 4, g), torch.rand(13, 5, generator=g) < 0.4
+
+
 def _ddp_worker(rank, init_file, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     try:
@@ -440,8 +495,19 @@ def _ddp_worker(rank, init_file, out_file):
         qa = QARetrievalAccuracy(category_names=["a", "b"])
         feed_qa(qa, *qa_batches(14), items=(list(range(12)) + [5, 6])[rank::WORLD_SIZE])
         extra.update(qa.compute())
+        # Query types: the caption states gain one more, gathered like the others.
+        typed = AudioTextRetrieval(query_types=["keyphrase", "question"])
+        for batch in mine.chunk(2):
+            captions = torch.isin(text_ids, audio_ids[batch])
+            typed.update(audio_emb[batch], audio_ids[batch], text_emb[captions], text_ids[captions],
+                         text_keys[captions], _ddp_query_types(text_keys[captions]))  # fmt: skip
+        # Zero-shot: 13 clips padded to 14, multi-label targets as uint8 through the gather.
+        audio, classes, targets = _ddp_classification()
+        zero_shot = ZeroShotClassification(multi_label=True)
+        zero_shot.update(audio[mine], mine, targets[mine])
+        typed_result, zero_shot_result = typed.compute(), zero_shot.compute_with(classes)  # collectives: every rank
         if rank == 0:
-            torch.save({"retrieval": result, "extras": extra}, out_file)
+            torch.save({"retrieval": result, "extras": extra, "typed": typed_result, "zs": zero_shot_result}, out_file)
     finally:
         dist.destroy_process_group()
 
@@ -454,7 +520,9 @@ def test_two_process_gather_equals_single_process(tmp_path):
     data = _ddp_dataset()
     expected = retrieval_metrics(*data)
     assert all(torch.equal(gathered[k], expected[k]) for k in KEYS)
-    assert_matches(gathered, reference(*data))
+    assert_matches(model_values(gathered), reference(*data))
+    # the padded repeat of clip 0 is counted once
+    assert (gathered["n_audios"].item(), gathered["n_texts"].item()) == (13, data[3].numel())
 
     # compute_with gathers like compute (the hard negatives are used as given on every rank).
     audio_emb, audio_ids, text_emb, text_ids, text_keys = data
@@ -463,5 +531,13 @@ def test_two_process_gather_equals_single_process(tmp_path):
     expected.update(hard_negative_metrics(query_emb, audio_emb, torch.arange(4), torch.arange(4, 8)))
     query_emb, choice_emb, choice_item, answer_choice, categories = qa_data(14, num_queries=12)
     expected.update(qa_accuracy(query_emb, choice_emb, choice_item, answer_choice, categories, ["a", "b"]))
-    assert sorted(saved["extras"]) == sorted(expected)
+    typed = retrieval_metrics(*data, text_groups=_ddp_query_types(text_keys), group_names=["keyphrase", "question"])
+    assert any(k.startswith("t2a/question/") for k in typed)
+    assert sorted(model_values(saved["typed"])) == sorted(typed)
+    assert all(torch.equal(saved["typed"][k], v) for k, v in typed.items())
+    audio, classes, targets = _ddp_classification()
+    assert torch.equal(saved["zs"]["zs/mAP"], zero_shot_metrics(audio, classes, targets, True)["zs/mAP"])
+    assert saved["zs"]["n_audios"].item() == 13
+    assert sorted(model_values(saved["extras"])) == sorted(expected)
     assert all(torch.equal(saved["extras"][k], expected[k]) for k in expected)
+    assert saved["extras"]["n_queries"].item() == 12  # the QA set's, which updated the dict last

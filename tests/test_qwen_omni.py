@@ -1,6 +1,5 @@
 """Qwen2.5-Omni thinker backbone: prompts, collation, placeholder counts and the real loading path."""
 
-import importlib.util
 import math
 import os
 
@@ -152,32 +151,60 @@ def test_exactly_one_source_required():
         QwenOmniThinker()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="the official processor needs torchvision")
-def test_parity_with_official_processor(backbone):
-    from transformers import Qwen2_5OmniProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+def _audio_only_processor(collate):
+    """The official ``Qwen2_5OmniProcessor`` over our tokenizer and feature extractor, without torchvision.
 
-    collate = backbone.collator()
+    Its image and video processors are never called for audio, but the constructor type-checks them,
+    and resolving the video processor's base class needs torchvision (the video mapping is a dummy
+    object without it). So the image side is the PIL implementation and there is no video
+    processor: the subclass accepts ``None`` for it and leaves every other check and all of
+    ``__call__`` to the official class.
+    """
+    from transformers import Qwen2_5OmniProcessor, Qwen2VLImageProcessorPil
+
+    class AudioOnlyProcessor(Qwen2_5OmniProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return type(None)
+            return super().check_argument_for_proper_class(argument_name, argument)
+
     tokenizer = collate.tokenizer
     for name, token in [
         ("audio_token", "<|AUDIO|>"), ("image_token", "<|IMAGE|>"), ("video_token", "<|VIDEO|>"),
         ("audio_bos_token", "<|audio_bos|>"), ("audio_eos_token", "<|audio_eos|>"),
         ("vision_bos_token", "<|vision_bos|>"), ("vision_eos_token", "<|vision_eos|>"),
-    ]:
+    ]:  # fmt: skip
         setattr(tokenizer, name, token)
         setattr(tokenizer, name + "_id", tokenizer.convert_tokens_to_ids(token))
-    processor = Qwen2_5OmniProcessor(
-        image_processor=Qwen2VLImageProcessor(), video_processor=Qwen2VLVideoProcessor(),
+    return AudioOnlyProcessor(
+        image_processor=Qwen2VLImageProcessorPil(), video_processor=None,
         feature_extractor=collate.feature_extractor, tokenizer=tokenizer,
-    )
-    items = [EmbedInput(audio=wave(1.7)), EmbedInput(audio=wave(0.9, 5))]
+    )  # fmt: skip
+
+
+def test_parity_with_official_processor():
+    # A fresh backbone: the processor sets the special-token attributes it reads on the tokenizer.
+    collate = QwenOmniThinker(tiny=True).collator()
+    processor = _audio_only_processor(collate)
+    # Different lengths (one longer than a 2 s chunk), audio with text, and a text-only item among them.
+    items = [
+        EmbedInput(audio=wave(1.7)), EmbedInput(text="a low hum"), EmbedInput(audio=wave(0.9, 5)),
+        EmbedInput(audio=wave(2.6, 7), text="how often does it beep?"),
+    ]  # fmt: skip
+    audio_items = [it for it in items if it.audio is not None]
     ours = collate(items)
     official = processor(
-        text=[collate.prompts.render(it) for it in items], audio=[it.audio for it in items],
+        text=[collate.prompts.render(it) for it in items], audio=[it.audio for it in audio_items],
         padding=True, return_tensors="pt",
     )
     assert torch.equal(ours["input_ids"], official["input_ids"])
     assert torch.equal(ours["attention_mask"], official["attention_mask"])
-    for i in range(len(items)):
+    audio_id = collate.tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+    rows = [i for i, it in enumerate(items) if it.audio is not None]
+    assert int((official["input_ids"][1] == audio_id).sum()) == 0
+    for i, row in enumerate(rows):
         valid = int(ours["feature_attention_mask"][i].sum())
         assert valid == int(official["feature_attention_mask"][i].sum())
+        # the valid frames became as many placeholders as the audio tower will output
+        assert int((official["input_ids"][row] == audio_id).sum()) == audio_token_count(valid)
         torch.testing.assert_close(ours["input_features"][i, :, :valid], official["input_features"][i, :, :valid])

@@ -6,6 +6,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -16,7 +17,9 @@ from lightning_modules.tools.sweep import (
     error_summary,
     finished_record,
     load_sweep,
+    markdown_table,
     safe_name,
+    summarise,
 )
 from main import main
 
@@ -109,6 +112,70 @@ def test_dry_run_prints_one_command_per_variant(tmp_path, overlay, capsys):
         [*prefix, "--config", overlay, *suffix, str(output / "pool=mean")],
     ]
     assert not output.exists()
+
+
+def test_dry_run_with_seeds_runs_every_variant_once_per_seed(tmp_path, overlay, capsys):
+    sweep = write_sweep(tmp_path / "s.yaml", {"axes": {"pool": {"emb": [], "mean": [overlay]}}})
+    output = tmp_path / "out"
+    main(["sweep", "--config", DEMO, "--sweep", sweep, "--output", str(output), "--dry_run", "--seeds", "3",
+          "--trainer.max_steps", "3"])  # fmt: skip
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    prefix = [sys.executable, str(MAIN), "fit", "--config", DEMO]
+    expected = []
+    for name, entries in (("pool=emb", []), ("pool=mean", ["--config", overlay])):
+        for seed in range(3):
+            expected.append([*prefix, *entries, f"--seed_everything={seed}", "--trainer.max_steps", "3",
+                             "--trainer.default_root_dir", str(output / name / f"seed={seed}")])  # fmt: skip
+    assert commands == expected
+    with pytest.raises(ValueError, match="--seeds must be >= 1"):
+        main(["sweep", "--config", DEMO, "--sweep", sweep, "--dry_run", "--seeds", "0"])
+
+
+def test_repository_sweeps_change_one_thing_per_axis():
+    root = ROOT / "configs"
+    _, variants = load_sweep(root / "sweeps" / "captions.yaml")
+    assert [v.name for v in variants] == [
+        "captions=caption,loss=infonce", "captions=caption,loss=hybrid_nce",
+        "captions=multi_granular,loss=infonce", "captions=multi_granular,loss=hybrid_nce",
+    ]  # fmt: skip
+    # the loss overlays set only the loss, the caption overlay only the caption fields
+    for overlay in sorted((root / "ablations" / "loss").glob("*.yaml")):
+        assert "caption_fields" not in overlay.read_text(), overlay.name
+    captions = yaml.safe_load((root / "ablations" / "captions" / "multi_granular.yaml").read_text())
+    assert captions == {"data": {"init_args": {"caption_fields": ["caption", "caption_long", "caption_short", "tags"]}}}
+    for sweep in sorted((root / "sweeps").glob("*.yaml")):
+        load_sweep(sweep)  # every overlay it names exists
+
+
+def _record(variant, seed, status, metrics, seconds=10.0):
+    return {"variant": variant, "seed": seed, "values": {}, "settings": "s", "status": status, "seconds": seconds,
+            "error": "" if status == "ok" else "exit code 1\nValueError: boom", "metrics": metrics}  # fmt: skip
+
+
+def test_seed_aggregation_reports_mean_and_sample_std():
+    rng = np.random.default_rng(0)
+    a, b = rng.uniform(0, 50, 3), rng.uniform(0, 50, 2)
+    records = [_record("v=a", i, "ok", {"test/t2a/R@1": float(x), "test/a2t/R@1": 1.0}) for i, x in enumerate(a)]
+    records += [_record("v=b", i, "ok", {"test/t2a/R@1": float(x)}) for i, x in enumerate(b)]
+    records.append(_record("v=b", 2, "failed", {}))
+    summaries = summarise(records)
+    assert [(s["variant"], s["runs"], s["finished"], s["seconds"]) for s in summaries] == [
+        ("v=a", 3, 3, 30.0), ("v=b", 3, 2, 30.0)
+    ]  # fmt: skip
+    mean, std, count = summaries[0]["metrics"]["test/t2a/R@1"]
+    assert (mean, std, count) == (pytest.approx(a.mean()), pytest.approx(a.std(ddof=1)), 3)
+    assert summaries[0]["metrics"]["test/a2t/R@1"][1] == 0.0
+    table = markdown_table(records, "### t")
+    row_a = next(line for line in table.splitlines() if line.startswith("| `v=a`"))
+    row_b = next(line for line in table.splitlines() if line.startswith("| `v=b`"))
+    best, other = (row_a, row_b) if a.mean() > b.mean() else (row_b, row_a)
+    assert f"**{a.mean() if best is row_a else b.mean():.2f} ± " in best and "**" not in other.split("|")[3]
+    assert f"{a.mean():.2f} ± {a.std(ddof=1):.2f}" in row_a and "| ok 3/3 |" in row_a
+    assert f"{b.mean():.2f} ± {b.std(ddof=1):.2f}" in row_b and "| partial 2/3 |" in row_b
+    assert "- `v=b` seed=2: `exit code 1: ValueError: boom`" in table
+    # one run per variant: plain values and statuses, as without seeds
+    single = markdown_table([_record("v=a", None, "ok", {"test/t2a/R@1": 5.0})], "### t")
+    assert "| **5.00** | ok | 10 |" in single
 
 
 def test_only_an_ok_record_with_the_same_command_counts_as_finished(tmp_path):

@@ -89,6 +89,18 @@ def test_splits_captions_and_audio(synthetic):
     assert info.samplerate == SAMPLING_RATE and info.channels == 1 and 1.0 <= info.duration <= 3.0
 
 
+def test_classification_sets(synthetic):
+    single, multi = _rows(synthetic["zs"]), _rows(synthetic["zs_multi"])
+    assert len(single) == 15 and [row["label"] for row in single] == [e.tag for e in EVENT_TYPES] + [
+        e.tag for e in EVENT_TYPES[:5]
+    ]  # fmt: skip
+    folder = os.path.dirname(synthetic["zs"])
+    assert all(1.0 <= sf.info(os.path.join(folder, row["audio"])).duration <= 3.0 for row in single)
+    test = _rows(synthetic["test"])
+    assert [(row["audio"], row["labels"]) for row in multi] == [(row["audio"], row["tags"]) for row in test]
+    assert all("caption" not in row for row in single + multi)
+
+
 def test_captions_mention_count_and_order(synthetic):
     row = next(r for r in _rows(synthetic["test"]) if len(r["events"]) >= 2)
     first, second = row["events"][0]["type"], row["events"][1]["type"]
@@ -106,7 +118,8 @@ def test_pair_dataset_items(synthetic):
     dataset = PairDataset(records, 16000, AudioPolicy(max_seconds=1.0), seed=0, document_instruction="Represent it.")
     item = dataset[2]
 
-    assert set(item) == {"query", "documents", "clip_index", "clip_id", "audio_path", "caption_kind", "tags"}
+    assert set(item) == {"query", "documents", "clip_index", "clip_id", "audio_path", "source", "caption_kind", "tags"}
+    assert item["source"] == records[2].source
     assert item["audio_path"] == records[2].audio_path
     assert isinstance(item["query"], EmbedInput) and item["query"].modality == "audio"
     assert item["query"].audio.dtype == np.float32 and len(item["query"].audio) <= 16000

@@ -27,6 +27,12 @@ Each variant runs in a fresh Python process with ``--trainer.default_root_dir
 Its outcome goes to ``<output>/<variant>/sweep_result.json``. Re-running the sweep skips a variant
 whose record says ``ok`` and whose command has not changed; every other variant (failed,
 interrupted, or with changed settings) is run again from an empty directory.
+
+On a small model a difference of a point or two between variants is often noise. ``--seeds N``
+runs every variant N times, with ``--seed_everything`` 0 … N-1 (weight initialisation and dropout;
+the data module's own ``seed``, which fixes the data order and, for the synthetic demo, the data,
+stays the recipe's), each in ``<output>/<variant>/seed=<i>``, and the table shows the mean ± the
+sample standard deviation over the finished seeds.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import math
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -152,15 +159,34 @@ def expand_grid(choices: list[list[tuple[str, str, list[str]]]]) -> list[Variant
 
 
 def variant_command(
-    variant: Variant, configs: list[str], base_args: list[str], extra: list[str], stage: str, run_dir: Path
+    variant: Variant,
+    configs: list[str],
+    base_args: list[str],
+    extra: list[str],
+    stage: str,
+    run_dir: Path,
+    seed: int | None = None,
 ) -> list[str]:
-    """The full command line that runs one variant."""
+    """The full command line that runs one variant (with ``seed``: under that global seed)."""
     command = [sys.executable, str(MAIN), stage]
     for config in configs:
         command += ["--config", config]
     for entry in [*base_args, *variant.entries]:
         command += entry_args(entry)
+    if seed is not None:
+        command.append(f"--seed_everything={seed}")
     return [*command, *extra, "--trainer.default_root_dir", str(run_dir)]
+
+
+def run_seeds(seeds: int) -> list[int | None]:
+    """The global seed of each run of a variant: the recipe's own for one run, else 0 … seeds-1."""
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    return [None] if seeds == 1 else list(range(seeds))
+
+
+def run_directory(output: Path, variant: Variant, seed: int | None) -> Path:
+    return output / variant.name if seed is None else output / variant.name / f"seed={seed}"
 
 
 def read_metrics(run_dir: Path) -> dict[str, float]:
@@ -216,7 +242,7 @@ def error_headline(error: str) -> str:
     return f"{status}: {message}" if message else status
 
 
-def run_variant(variant: Variant, command: list[str], run_dir: Path) -> dict[str, Any]:
+def run_variant(variant: Variant, command: list[str], run_dir: Path, seed: int | None = None) -> dict[str, Any]:
     """Run one variant in a subprocess (logs in ``run_dir``) and return its result record."""
     if run_dir.exists():
         # Leftovers of a failed or outdated attempt would be mistaken for this run's metrics.
@@ -229,6 +255,7 @@ def run_variant(variant: Variant, command: list[str], run_dir: Path) -> dict[str
     ok = returncode == 0
     record = {
         "variant": variant.name,
+        "seed": seed,
         "values": variant.values,
         "settings": variant.settings(),
         "command": command,
@@ -257,53 +284,96 @@ def format_value(value: float | None) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:.2f}"
 
 
+def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary per variant (in first-seen order) over its runs (one per seed).
+
+    Each summary has ``variant``, ``settings``, ``runs`` and ``finished`` (run counts),
+    ``seconds`` (summed), ``failures`` (the failed runs' records) and ``metrics``: per metric
+    reported by a finished run, ``(mean, sample standard deviation or NaN for one value, count)``.
+    """
+    summaries: dict[str, dict[str, Any]] = {}
+    for r in records:
+        summary = summaries.setdefault(
+            r["variant"],
+            {"variant": r["variant"], "settings": r["settings"], "runs": 0, "finished": 0, "seconds": 0.0,
+             "failures": [], "values": {}},
+        )  # fmt: skip
+        summary["runs"] += 1
+        summary["seconds"] += r["seconds"]
+        if r["status"] != "ok":
+            summary["failures"].append(r)
+            continue
+        summary["finished"] += 1
+        for key, value in r["metrics"].items():
+            summary["values"].setdefault(key, []).append(value)
+    for summary in summaries.values():
+        values = summary.pop("values")
+        summary["metrics"] = {key: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else math.nan, len(v))
+                              for key, v in values.items()}  # fmt: skip
+    return list(summaries.values())
+
+
+def format_summary(mean: float, std: float) -> str:
+    """``mean ± std`` (two decimals), or the mean alone when there is no spread to report."""
+    return format_value(mean) if math.isnan(std) else f"{format_value(mean)} ± {std:.2f}"
+
+
 def markdown_table(records: list[dict[str, Any]], title: str) -> str:
-    """Markdown report: one row per variant, the best value of each metric in bold, failures below."""
-    columns = [(key, header) for key, header in TABLE_METRICS if any(key in r["metrics"] for r in records)]
-    best = {
-        key: max((r["metrics"][key] for r in records if r["status"] == "ok" and key in r["metrics"]), default=None)
-        for key, _ in columns
-    }
+    """Markdown report: one row per variant (mean ± std over its seeds), the best mean of each metric
+    in bold, failures below."""
+    summaries = summarise(records)
+    columns = [(key, header) for key, header in TABLE_METRICS if any(key in s["metrics"] for s in summaries)]
+    means = {key: [s["metrics"][key][0] for s in summaries if key in s["metrics"]] for key, _ in columns}
+    best = {key: max(values, default=None) for key, values in means.items()}
+    seeded = any(s["runs"] > 1 for s in summaries)
     headers = ["variant", "settings", *(header for _, header in columns), "status", "seconds"]
     lines = [title, "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for r in records:
-        cells = [f"`{r['variant']}`", r["settings"].replace("|", "\\|")]
+    for s in summaries:
+        cells = [f"`{s['variant']}`", s["settings"].replace("|", "\\|")]
         for key, _ in columns:
-            text = format_value(r["metrics"].get(key))
-            cells.append(f"**{text}**" if r["status"] == "ok" and r["metrics"].get(key) == best[key] else text)
-        cells += [r["status"], f"{r['seconds']:.0f}"]
+            mean, std, _ = s["metrics"].get(key, (None, math.nan, 0))
+            text = "–" if mean is None else format_summary(mean, std)
+            cells.append(f"**{text}**" if mean is not None and mean == best[key] else text)
+        status = "ok" if s["finished"] == s["runs"] else "failed" if not s["finished"] else "partial"
+        if seeded:
+            status += f" {s['finished']}/{s['runs']}"
+        cells += [status, f"{s['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    failures = [r for r in records if r["status"] != "ok"]
+    failures = [r for s in summaries for r in s["failures"]]
     if failures:
-        lines += ["", "Failed variants (the full stderr tail is in results.csv):", ""]
+        lines += ["", "Failed runs (the full stderr tail is in results.csv):", ""]
         for r in failures:
             headline = error_headline(r["error"]).replace("`", "'")
+            seed = "" if r.get("seed") is None else f" seed={r['seed']}"
             # A code span keeps markdown from reading `<class ...>` in messages as HTML tags.
-            lines.append(f"- `{r['variant']}`: `{headline}`")
+            lines.append(f"- `{r['variant']}`{seed}: `{headline}`")
     return "\n".join(lines) + "\n"
 
 
 def write_csv(records: list[dict[str, Any]], axes: list[str], path: Path) -> None:
-    """One row per variant: axis values, settings, status, seconds, every metric, error."""
+    """One row per run: variant, seed (empty for the recipe's), axis values, settings, status,
+    seconds, every metric, error."""
     metric_keys = sorted({k for r in records for k in r["metrics"]})
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["variant", *axes, "settings", "status", "seconds", *metric_keys, "error"])
+        writer.writerow(["variant", "seed", *axes, "settings", "status", "seconds", *metric_keys, "error"])
         for r in records:
+            seed = "" if r.get("seed") is None else r["seed"]
             writer.writerow(
-                [r["variant"], *(r["values"].get(a, "") for a in axes), r["settings"], r["status"], r["seconds"],
-                 *(r["metrics"].get(k, "") for k in metric_keys), r["error"]]
-            )
+                [r["variant"], seed, *(r["values"].get(a, "") for a in axes), r["settings"], r["status"],
+                 r["seconds"], *(r["metrics"].get(k, "") for k in metric_keys), r["error"]]
+            )  # fmt: skip
 
 
 def write_chart(records: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Grouped bars of T2A and A2T R@1 per finished variant (test metrics, else last validation)."""
+    """Grouped bars of T2A and A2T R@1 per variant with finished runs (test metrics, else last
+    validation): the mean over seeds, with the standard deviation as error bars."""
     # The object-oriented API renders with Agg without switching pyplot's global backend.
     from matplotlib.figure import Figure
 
-    done = [r for r in records if r["status"] == "ok"]
-    split = "test" if any("test/t2a/R@1" in r["metrics"] for r in done) else "val"
-    fig = Figure(figsize=(max(6.0, 1.1 * len(records) + 2), 4.5), layout="constrained")
+    done = [s for s in summarise(records) if s["finished"]]
+    split = "test" if any("test/t2a/R@1" in s["metrics"] for s in done) else "val"
+    fig = Figure(figsize=(max(6.0, 1.1 * len(done) + 2), 4.5), layout="constrained")
     ax = fig.add_subplot()
     if not done:
         ax.text(0.5, 0.5, "no finished variant", ha="center", va="center", transform=ax.transAxes)
@@ -311,10 +381,13 @@ def write_chart(records: list[dict[str, Any]], path: Path, title: str) -> None:
     else:
         width = 0.4
         for i, direction in enumerate(["t2a", "a2t"]):
-            heights = [r["metrics"].get(f"{split}/{direction}/R@1", float("nan")) for r in done]
-            bars = ax.bar([x + (i - 0.5) * width for x in range(len(done))], heights, width, label=direction.upper())
+            stats = [s["metrics"].get(f"{split}/{direction}/R@1", (math.nan, math.nan, 0)) for s in done]
+            errors = [0.0 if math.isnan(std) else std for _, std, _ in stats]
+            positions = [x + (i - 0.5) * width for x in range(len(done))]
+            bars = ax.bar(positions, [mean for mean, _, _ in stats], width, yerr=errors, capsize=3,
+                          label=direction.upper())  # fmt: skip
             ax.bar_label(bars, fmt="%.1f", fontsize=8)
-        ax.set_xticks(range(len(done)), [r["variant"] for r in done], rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(range(len(done)), [s["variant"] for s in done], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(f"{split} R@1 (%)")
         ax.legend()
     ax.set_title(title)
@@ -341,16 +414,25 @@ def parse_args(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--output", help="output directory (default: runs/sweeps/<sweep file name>)")
     parser.add_argument("--stage", default="fit", choices=["fit", "validate", "test"], help="subcommand per variant")
     parser.add_argument("--dry_run", action="store_true", help="print the commands, one per line, and run nothing")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="runs per variant, with --seed_everything 0 .. N-1; the table reports mean ± std (default 1: "
+        "one run with the recipe's seed)",
+    )
     return parser.parse_known_args(args)
 
 
 def run_sweep(args: list[str]) -> list[dict[str, Any]]:
-    """Entry point of ``main.py sweep``; returns one result record per variant (none on a dry run)."""
+    """Entry point of ``main.py sweep``; returns one result record per run (none on a dry run)."""
     options, extra = parse_args(args)
     base_args, variants = load_sweep(options.sweep)
     output = Path(options.output or Path("runs/sweeps") / Path(options.sweep).stem)
+    runs = [(v, seed, run_directory(output, v, seed)) for v in variants for seed in run_seeds(options.seeds)]
     commands = [
-        variant_command(v, options.config, base_args, extra, options.stage, output / v.name) for v in variants
+        variant_command(variant, options.config, base_args, extra, options.stage, run_dir, seed)
+        for variant, seed, run_dir in runs
     ]
     if options.dry_run:
         for command in commands:
@@ -358,20 +440,21 @@ def run_sweep(args: list[str]) -> list[dict[str, Any]]:
         return []
     output.mkdir(parents=True, exist_ok=True)
     axes = list(variants[0].values)
-    title = f"{Path(options.sweep).name} on {' + '.join(options.config)} ({options.stage})"
+    seeds = f", mean ± std over {options.seeds} seeds" if options.seeds > 1 else ""
+    title = f"{Path(options.sweep).name} on {' + '.join(options.config)} ({options.stage}{seeds})"
     records = []
-    for i, (variant, command) in enumerate(zip(variants, commands), 1):
-        run_dir = output / variant.name
+    for i, ((variant, seed, run_dir), command) in enumerate(zip(runs, commands), 1):
+        name = variant.name if seed is None else f"{variant.name} seed={seed}"
         record = finished_record(run_dir, command)
         if record is not None:
-            print(f"[{i}/{len(variants)}] {variant.name}: finished earlier, skipped", flush=True)
+            print(f"[{i}/{len(runs)}] {name}: finished earlier, skipped", flush=True)
         else:
-            print(f"[{i}/{len(variants)}] {variant.name}: running (logs in {run_dir})", flush=True)
-            record = run_variant(variant, command, run_dir)
+            print(f"[{i}/{len(runs)}] {name}: running (logs in {run_dir})", flush=True)
+            record = run_variant(variant, command, run_dir, seed)
             r1 = format_value(record["metrics"].get("test/t2a/R@1"))
             print(f"    {record['status']} in {record['seconds']:.0f} s, test T2A R@1 {r1}", flush=True)
         records.append(record)
-        # Rewritten after every variant so that a long sweep can be inspected while it runs.
+        # Rewritten after every run so that a long sweep can be inspected while it runs.
         write_results(records, axes, output, title)
     print(markdown_table(records, f"### {title}"))
     print(f"results written to {output}/results.{{csv,md,png}}")
