@@ -221,6 +221,19 @@ def test_datamodule_binds_from_the_trainer(synthetic):
         dm.train_dataloader()
 
 
+def test_loaders_pin_memory_for_cuda_trainers_only(synthetic):
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+
+    module = SimpleNamespace(backbone=SimpleNamespace(sampling_rate=16000), collate=_identity)
+    pinned = {}
+    for accelerator in (CPUAccelerator(), CUDAAccelerator(), None):
+        dm = RetrievalDataModule(val_manifest=synthetic["val"], batch_size=4)
+        dm.trainer = SimpleNamespace(lightning_module=module, current_epoch=0, accelerator=accelerator)
+        dm.setup("validate")
+        pinned[type(accelerator).__name__] = dm.val_dataloader().pin_memory
+    assert pinned == {"CPUAccelerator": False, "CUDAAccelerator": True, "NoneType": False}
+
+
 def test_synthetic_datamodule(tmp_path):
     dm = SyntheticDataModule(root=str(tmp_path), seed=0, num_train=8, num_val=4, num_test=6, batch_size=2)
     dm.bind(16000, _identity)
