@@ -10,6 +10,7 @@ from types import FrameType
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -67,6 +68,7 @@ class PreemptionCheckpoint(Callback):
         self.path: str | None = None
         self._received: set[int] = set()
         self._previous: dict[int, Any] = {}
+        self._group: dist.ProcessGroup | None = None
 
     @property
     def requested(self) -> bool:
@@ -75,6 +77,7 @@ class PreemptionCheckpoint(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Lightning installs its handlers just before training; these replace them until its teardown.
+        self._group = None  # a fit may run in a new process group
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
         for signum in self.signals:
@@ -89,8 +92,7 @@ class PreemptionCheckpoint(Callback):
     ) -> None:
         if not self.signals or not self._stepped(trainer, batch_idx):
             return
-        notes = torch.tensor([int(signum in self._received) for signum in self.signals], device=pl_module.device)
-        received = [s for s, count in zip(self.signals, trainer.strategy.reduce(notes, reduce_op="sum")) if count]
+        received = self._received_anywhere(trainer)
         if not received:
             return
         self.path = os.path.join(self._folder(trainer), f"{self.filename}.ckpt")
@@ -105,6 +107,20 @@ class PreemptionCheckpoint(Callback):
             if signum != signal.SIGTERM and callable(previous):
                 previous(signum, None)
         raise SIGTERMException
+
+    def _received_anywhere(self, trainer: Trainer) -> list[signal.Signals]:
+        """The signals noted by any process. The notes are summed on the CPU (the default group
+        when it is gloo, else a gloo group of its own), so that the check does not wait for the
+        device's queued work at every step; one process needs no exchange at all."""
+        notes = [int(signum in self._received) for signum in self.signals]
+        if trainer.world_size > 1:
+            if self._group is None:
+                default_is_gloo = dist.get_backend() == dist.Backend.GLOO
+                self._group = dist.group.WORLD if default_is_gloo else dist.new_group(backend="gloo")
+            summed = torch.tensor(notes)
+            dist.all_reduce(summed, group=self._group)
+            notes = summed.tolist()
+        return [signum for signum, count in zip(self.signals, notes) if count]
 
     @staticmethod
     def _stepped(trainer: Trainer, batch_idx: int) -> bool:

@@ -9,6 +9,7 @@ from typing import Any, Literal, get_args
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -386,6 +387,8 @@ class RetrievalDataModule(pl.LightningDataModule):
             # one, so dropout's random stream does not depend on how many loaders were iterated (after
             # a checkpoint at an epoch's last batch, the resumed run skips that epoch's validation).
             generator=torch.Generator().manual_seed(self.seed),
+            # Page-locked batches let the copy to a CUDA device run asynchronously.
+            pin_memory=isinstance(getattr(self.trainer, "accelerator", None), CUDAAccelerator),
             **kwargs,
         )
 

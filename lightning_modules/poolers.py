@@ -36,11 +36,12 @@ class EmbTokenPooler(Pooler):
         if out.emb_token_id is None:
             raise ValueError("EmbTokenPooler needs a backbone with an <emb> marker token")
         is_marker = (out.input_ids == out.emb_token_id) & out.attention_mask.bool()
-        missing = (~is_marker.any(dim=1)).nonzero().flatten().tolist()
-        if missing:
-            raise ValueError(f"rows {missing} contain no <emb> token (id {out.emb_token_id})")
-        first = is_marker.int().argmax(dim=1)
-        if (first == 0).any():
+        first = is_marker.int().argmax(dim=1)  # 0 also when a row has no marker
+        # One read-back for both checks: where the marker is, is known on the device only.
+        if bool((first == 0).any()):
+            missing = (~is_marker.any(dim=1)).nonzero().flatten().tolist()
+            if missing:
+                raise ValueError(f"rows {missing} contain no <emb> token (id {out.emb_token_id})")
             raise ValueError("<emb> is the first token of a row: there is no state before it")
         rows = torch.arange(first.shape[0], device=first.device)
         return out.hidden_states[rows, first - 1]

@@ -25,6 +25,7 @@ from lightning_modules.backbones.dasheng import (
     LogMelFrontEnd,
     count_parameters,
     htk_mel_filterbank,
+    num_mel_frames,
 )
 from lightning_modules.backbones.midashenglm import (
     AUDIO_TOKEN,
@@ -196,6 +197,46 @@ def test_long_input_is_encoded_as_concatenated_chunks():
     reference = torch.cat(chunks)
     assert len(chunks) == 3 and reference.shape == ours[0].shape
     torch.testing.assert_close(ours[0], reference, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_front_end_equals_each_clip_alone():
+    """One STFT for the padded batch gives each clip the frames it gets alone (its own end
+    reflected, its own 120 dB floor), zeros past its end, whatever the padding holds."""
+    front_end = tiny_model().audio_encoder.front_end
+    lengths = [12345, 3200, 8001, 8000]
+    waves = torch.full((len(lengths), max(lengths)), 5.0)  # padding that must not leak in
+    for row, length in enumerate(lengths):
+        waves[row, :length] = torch.from_numpy(clip(1.0, row)[:length])
+    batched = front_end(waves, torch.tensor(lengths))
+    for row, length in enumerate(lengths):
+        alone = front_end(waves[row : row + 1, :length])[0]
+        assert alone.shape[-1] == num_mel_frames(length, MiDashengLMConfig.tiny().audio_encoder_config)
+        torch.testing.assert_close(batched[row, :, : alone.shape[-1]], alone, rtol=0, atol=1e-5)
+        assert not batched[row, :, alone.shape[-1]:].any()
+
+
+def test_audio_tokens_replace_the_placeholders_in_order():
+    """The k-th placeholder gets the k-th real audio token (boolean selection and masked_scatter as
+    the reference), with clips of different token counts and a text-only row between them."""
+    from lightning_modules.backbones.midashenglm import _place_audio_tokens
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(3, 5, 4, generator=g)
+    counts = torch.tensor([2, 5, 1])
+    placeholders = torch.zeros(4, 9, dtype=torch.bool)
+    placeholders[0, 3:5] = True  # clip 0
+    placeholders[2, 1:6] = True  # clip 1 (row 1 is text only)
+    placeholders[3, 7] = True  # clip 2
+    embeds = torch.randn(4, 9, 4, generator=g)
+    real = torch.arange(5)[None, :] < counts[:, None]
+    reference = embeds.masked_scatter(placeholders.unsqueeze(-1), tokens[real])
+    assert torch.equal(_place_audio_tokens(embeds, placeholders, tokens, counts), reference)
+
+
+def test_collator_refuses_placeholder_tokens_in_text():
+    collate = tiny_backbone().collator()
+    with pytest.raises(ValueError, match=r"holds 1 <\|AUDIO\|> tokens where its audio gives 0"):
+        collate([EmbedInput(text="a caption with <|AUDIO|> inside")])
 
 
 @torch.no_grad()

@@ -249,6 +249,20 @@ def test_the_cli_binds_the_models_collator_to_the_data(tmp_path):
     assert cli.datamodule.sampling_rate == cli.model.backbone.sampling_rate
 
 
+def test_loaders_pin_memory_for_cuda_trainers_only(synthetic):
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+
+    module = SimpleNamespace(backbone=SimpleNamespace(sampling_rate=16000), collate=_identity)
+    pinned = {}
+    for accelerator in (CPUAccelerator(), CUDAAccelerator(), None):
+        dm = RetrievalDataModule(val_manifest=synthetic["val"], batch_size=4)
+        dm.trainer = SimpleNamespace(lightning_module=module, current_epoch=0, accelerator=accelerator)
+        dm.setup("validate")
+        dm.bind(module.backbone.sampling_rate, module.collate)
+        pinned[type(accelerator).__name__] = dm.val_dataloader().pin_memory
+    assert pinned == {"CPUAccelerator": False, "CUDAAccelerator": True, "NoneType": False}
+
+
 def test_synthetic_datamodule(tmp_path):
     dm = SyntheticDataModule(root=str(tmp_path), seed=0, num_train=8, num_val=4, num_test=6, batch_size=2)
     dm.bind(16000, _identity)

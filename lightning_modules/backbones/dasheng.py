@@ -98,19 +98,18 @@ class DashengConfig:
         return self.target_length // self.frames_per_patch
 
 
-def num_mel_frames(num_samples: int, config: DashengConfig) -> int:
-    """Frames the STFT yields for ``num_samples`` samples."""
+def num_mel_frames(num_samples: int | torch.Tensor, config: DashengConfig) -> int | torch.Tensor:
+    """Frames the STFT yields for ``num_samples`` samples (an int, or a tensor of lengths)."""
     if config.center:
         return 1 + num_samples // config.hop_length
     return 1 + (num_samples - config.n_fft) // config.hop_length
 
 
-def num_encoder_patches(num_samples: int, config: DashengConfig) -> int:
-    """Tokens the patch embedding yields for a clip (a strided convolution over frames)."""
-    frames = num_mel_frames(num_samples, config)
-    if frames < config.patch_size[1]:
-        return 0
-    return (frames - config.patch_size[1]) // config.frames_per_patch + 1
+def num_encoder_patches(num_samples: int | torch.Tensor, config: DashengConfig) -> int | torch.Tensor:
+    """Tokens the patch embedding yields for a clip (a strided convolution over frames); an int,
+    or elementwise for a tensor of lengths."""
+    patches = (num_mel_frames(num_samples, config) - config.patch_size[1]) // config.frames_per_patch + 1
+    return patches.clamp(min=0) if isinstance(patches, torch.Tensor) else max(0, patches)
 
 
 def num_valid_patches(num_samples: int, config: DashengConfig) -> int:
@@ -171,22 +170,34 @@ class LogMelFrontEnd(nn.Module):
         bank = htk_mel_filterbank(self.n_fft // 2 + 1, self.f_min, self.f_max, self.n_mels, self.sample_rate)
         return bank.to(device=device, dtype=torch.float32)
 
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        """``(B, samples)`` → ``(B, n_mels, frames)``; the 120 dB floor is set per clip."""
+    def forward(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, samples)`` → ``(B, n_mels, frames)`` in dB, the 120 dB floor set per clip.
+
+        With ``lengths`` (samples, each above ``n_fft // 2``) every clip is transformed as if it
+        were alone: its centring reflects its own last samples rather than the batch's padding, its
+        floor comes from its own frames, and its frames past its end are zero (they fall in masked
+        tokens only). This is done for the whole batch at once, without reading the lengths on the
+        host.
+        """
         # Under bf16-mixed the caller runs inside autocast, which would do the filterbank product
         # in bfloat16 (about 3 significant digits on powers spanning 120 dB).
         with torch.autocast(waveform.device.type, enabled=False):
-            return self._log_mel(waveform.to(torch.float32))
+            return self._log_mel(waveform.to(torch.float32), lengths)
 
-    def _log_mel(self, waveform: torch.Tensor) -> torch.Tensor:
+    def _log_mel(self, waveform: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        if lengths is None:
+            framed, center = waveform, self.center
+        else:
+            lengths = lengths.to(waveform.device)
+            framed, center = (self._reflect_each_clip(waveform, lengths) if self.center else waveform), False
         window = torch.hann_window(self.win_length, periodic=True, device=waveform.device)
         spectrum = torch.stft(
-            waveform,
+            framed,
             n_fft=self.n_fft,
             hop_length=self.hop_length,
             win_length=self.win_length,
             window=window,
-            center=self.center,
+            center=center,
             pad_mode="reflect",
             normalized=False,
             onesided=True,
@@ -195,8 +206,23 @@ class LogMelFrontEnd(nn.Module):
         power = spectrum.real.square() + spectrum.imag.square()  # (B, n_freqs, frames)
         mel = torch.einsum("bft,fm->bmt", power, self.filterbank(waveform.device))
         db = 10.0 * torch.log10(torch.clamp(mel, min=_AMIN))
-        floor = db.amax(dim=(1, 2), keepdim=True) - _TOP_DB
-        return torch.maximum(db, floor)
+        if lengths is None:
+            return torch.maximum(db, db.amax(dim=(1, 2), keepdim=True) - _TOP_DB)
+        frames = 1 + lengths // self.hop_length if self.center else 1 + (lengths - self.n_fft) // self.hop_length
+        valid = (torch.arange(db.shape[-1], device=db.device)[None, :] < frames[:, None]).unsqueeze(1)
+        floor = db.masked_fill(~valid, float("-inf")).amax(dim=(1, 2), keepdim=True) - _TOP_DB
+        return torch.where(valid, torch.maximum(db, floor), 0.0)
+
+    def _reflect_each_clip(self, waveform: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``n_fft // 2`` reflected samples before each clip and after its own last sample (as
+        ``torch.stft(center=True)`` pads a lone clip); further positions only reach frames past
+        the clip's end."""
+        pad = self.n_fft // 2
+        width = waveform.shape[-1]
+        positions = torch.arange(-pad, width + pad, device=waveform.device).abs()[None, :]
+        last = lengths[:, None] - 1
+        source = torch.where(positions > last, 2 * last - positions, positions)
+        return waveform.gather(1, source.clamp(0, width - 1))
 
 
 class PatchEmbed(nn.Module):
@@ -329,18 +355,11 @@ class DashengEncoder(nn.Module):
     def log_mel(self, waveforms: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
         """``(B, samples)`` → ``(B, n_mels, frames)`` for the padded width.
 
-        With ``lengths`` each clip is transformed on its own unpadded samples, so its frames (the
-        reflect padding at its end, its 120 dB floor) do not depend on what it was batched with.
-        Frames past a clip's end are zero; they fall in masked tokens only.
+        With ``lengths`` each clip's frames (the reflect padding at its end, its 120 dB floor) do
+        not depend on what it was batched with; frames past a clip's end are zero (see
+        :meth:`LogMelFrontEnd.forward`).
         """
-        if lengths is None:
-            return self.front_end(waveforms)
-        total_frames = num_mel_frames(waveforms.shape[-1], self.config)
-        mels = waveforms.new_zeros(waveforms.shape[0], self.config.n_mels, total_frames, dtype=torch.float32)
-        for row, length in enumerate(lengths.tolist()):
-            mel = self.front_end(waveforms[row : row + 1, :length])
-            mels[row, :, : mel.shape[-1]] = mel[0]
-        return mels
+        return self.front_end(waveforms, lengths)
 
     def patchify(self, mel: torch.Tensor) -> torch.Tensor:
         """``(B, n_mels, frames)`` → ``(B, D, 1, patches)``."""

@@ -170,8 +170,9 @@ class MiDashengLMConfig:
         return cls(encoder, text, subsample_factor=5, audio_token_id=TINY_SPECIAL_TOKENS.index(AUDIO_TOKEN))
 
 
-def audio_token_count(num_samples: int, config: MiDashengLMConfig) -> int:
-    """Decoder tokens for one clip: encoder tokens (``frames // 4``), grouped by ``subsample_factor``."""
+def audio_token_count(num_samples: int | torch.Tensor, config: MiDashengLMConfig) -> int | torch.Tensor:
+    """Decoder tokens for one clip: encoder tokens (``frames // 4``), grouped by ``subsample_factor``
+    (elementwise for a tensor of lengths)."""
     return num_encoder_patches(num_samples, config.audio_encoder_config) // config.subsample_factor
 
 
@@ -359,7 +360,9 @@ def decoder_hidden_states(
 
     ``model`` needs ``audio_encoder(waveforms, lengths) -> (states, mask)``,
     ``audio_projector(states, mask) -> (tokens, mask)`` and ``decoder.model`` (the text model).
-    ``audio`` holds one row per clip, in the order the clips' placeholders appear in the batch.
+    ``audio`` holds one row per clip, in the order the clips' placeholders appear in the batch, and
+    the placeholders must be exactly the clips' audio tokens, as :class:`MiDashengLMCollator`
+    checks. Nothing is read back from the device here (no host synchronisation per batch).
     """
     text_model = model.decoder.model
     embeds = input_embeddings(model, config, input_ids, audio, audio_lengths, audio_grad)
@@ -379,34 +382,41 @@ def input_embeddings(
     audio_lengths: torch.Tensor | None = None,
     audio_grad: bool = True,
 ) -> torch.Tensor:
-    """Token embeddings with each clip's projected audio tokens at its placeholders."""
+    """Token embeddings with each clip's projected audio tokens at its placeholders (the collator has
+    checked that the placeholders and the clips' token counts agree)."""
     embeds = model.decoder.model.get_input_embeddings()(input_ids)
-    placeholders = input_ids == config.audio_token_id
     if audio is not None:
         with torch.set_grad_enabled(torch.is_grad_enabled() and audio_grad):
-            audio_tokens = _encode_audio(model, config, audio, audio_lengths)
-        if audio_tokens.shape[0] != int(placeholders.sum()):
-            raise ValueError(
-                f"{int(placeholders.sum())} {AUDIO_TOKEN} placeholders in input_ids but the clips "
-                f"give {audio_tokens.shape[0]} audio tokens"
-            )
-        embeds = embeds.masked_scatter(placeholders.unsqueeze(-1), audio_tokens.to(embeds.dtype))
-    elif placeholders.any():
-        raise ValueError(f"input_ids contain {AUDIO_TOKEN} placeholders but no audio was given")
+            tokens, counts = _encode_audio(model, config, audio, audio_lengths)
+        embeds = _place_audio_tokens(embeds, input_ids == config.audio_token_id, tokens, counts)
     return embeds
 
 
 def _encode_audio(
     model: nn.Module, config: MiDashengLMConfig, audio: torch.Tensor, audio_lengths: torch.Tensor | None
-) -> torch.Tensor:
-    """Projected audio tokens of every clip, concatenated: ``(sum of per-clip counts, H)``."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected audio tokens ``(clips, slots, H)`` and each clip's count of real ones (the first)."""
     if audio_lengths is None:
-        audio_lengths = torch.full((audio.shape[0],), audio.shape[-1], dtype=torch.long)
+        audio_lengths = torch.full((audio.shape[0],), audio.shape[-1], dtype=torch.long, device=audio.device)
     states, mask = model.audio_encoder(audio, audio_lengths)
     tokens, _ = model.audio_projector(states, mask)
-    counts = torch.tensor([audio_token_count(n, config) for n in audio_lengths.tolist()], device=tokens.device)
-    keep = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < counts[:, None]
-    return tokens[keep]
+    return tokens, audio_token_count(audio_lengths.to(tokens.device), config)
+
+
+def _place_audio_tokens(
+    embeds: torch.Tensor, placeholders: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """``embeds`` with the k-th placeholder (in reading order) replaced by the k-th real audio token:
+    the first ``counts[c]`` slots of clip ``c``, clip after clip. Selecting the real tokens with a
+    boolean mask would make their number a host value; a sorted search finds each placeholder's
+    slot on the device instead."""
+    clips, slots, width = tokens.shape
+    real = torch.arange(slots, device=tokens.device)[None, :] < counts[:, None]
+    real_so_far = real.flatten().cumsum(0)  # real tokens up to and including each slot
+    rank = placeholders.flatten().long().cumsum(0)  # 1 for the first placeholder, 2 for the next, ...
+    slot = torch.searchsorted(real_so_far, rank).clamp(max=clips * slots - 1)
+    source = tokens.reshape(clips * slots, width)[slot].view(*placeholders.shape, width)
+    return torch.where(placeholders.unsqueeze(-1), source.to(embeds.dtype), embeds)
 
 
 #: special tokens of the tiny tokenizer, in the order of their Qwen ids 151643..151648.
@@ -475,7 +485,7 @@ class MiDashengLMCollator:
 
     def __call__(self, items: list[EmbedInput]) -> dict[str, torch.Tensor]:
         items, _ = self.truncate(items)
-        prompts, clips = [], []
+        prompts, clips, expected = [], [], []
         for item in items:
             num_audio_tokens = 0
             if item.audio is not None:
@@ -487,10 +497,21 @@ class MiDashengLMCollator:
             prompts.append(
                 format_prompt(item.instruction, item.text, num_audio_tokens, self.system_prompt, self.generation_prompt)
             )
+            expected.append(num_audio_tokens)
         encoded = self.tokenizer(
             prompts, add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt"
         )
         check_prompt_lengths(encoded["attention_mask"].sum(-1).tolist(), self.max_prompt_tokens)
+        # The model puts the clips' tokens at the placeholders without reading anything back from
+        # the device, so their number is checked here, where it is free.
+        found = (encoded["input_ids"] == self.config.audio_token_id).sum(dim=1).tolist()
+        for item, count, wanted in zip(items, found, expected):
+            if count != wanted:
+                raise ValueError(
+                    f"the prompt of an input holds {count} {AUDIO_TOKEN} tokens where its audio gives "
+                    f"{wanted}: its instruction or text must not contain {AUDIO_TOKEN} "
+                    f"(instruction {item.instruction!r}, text {item.text!r})"
+                )
         batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
         if clips:
             lengths = [clip.shape[0] for clip in clips]
