@@ -35,7 +35,9 @@ Audio files (headers are read when the data module sets up; the rest when a clip
 
 Not bad: an all-silent clip and a very short clip (even a few milliseconds) are valid audio. Short
 clips are zero-padded by the backbone's collator to the length its audio encoder needs;
-``python main.py check-data`` lists clips under :data:`SHORT_CLIP_SECONDS` as warnings.
+``python main.py check-data`` lists clips under :data:`SHORT_CLIP_SECONDS` as warnings. Nor a very
+long text: it is cut to the backbone's ``max_text_tokens`` and counted apart (see
+:mod:`datamodules.text_limits`).
 """
 
 from __future__ import annotations
