@@ -39,7 +39,7 @@ from dist_scripts.resume_run import (
 from dist_scripts.train_tiny import Record, examples, make_module
 from lightning_modules import EmbeddingModule, LastTokenPooler, LinearHead, MiDashengLMBackbone
 from lightning_modules.adapters import LoraSettings
-from lightning_modules.rng import capture_rng_state, restore_rng_state
+from callbacks.rng_state import capture_rng_state, restore_rng_state
 from lightning_modules.weights import trainable_state_dict
 from losses import InfoNCE
 from test_precision import module as precision_module
@@ -82,7 +82,7 @@ def test_bf16_mixed_fit_step(kind):
     reference = copy.deepcopy(model).to(device).train()
     on_device = move_data_to_device(batch, device)
     with torch.no_grad():
-        expected = float(reference.loss(*reference.embed_batch(on_device), **reference.loss_structure(on_device)).loss)
+        expected = float(reference.loss(*reference.embed_batch(on_device), reference.batch_info(on_device)).loss)
     del reference
     trainable = [n for n, p in model.named_parameters() if "lora_" in n or n.startswith(("head.", "loss."))]
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n in trainable}
