@@ -221,7 +221,7 @@ def test_predict_on_names_the_set_to_embed(run):
     datamodule = SyntheticDataModule(root=str(run.root / "data"), **SIZES)
     datamodule.prepare_data()
     datamodule.predict_on("test")
-    with pytest.raises(ValueError, match=r"several sets \['synthetic', 'synthetic_qa'\]"):
+    with pytest.raises(ValueError, match=r"several sets \['synthetic', 'synthetic_qa', 'synthetic_zs', 'synthetic_zs_multi'\]"):
         datamodule.predict_records()
     datamodule.predict_on("test", "synthetic_qa")
     with pytest.raises(ValueError, match="QA set"):
