@@ -1,7 +1,9 @@
 """Shared contract of the contrastive losses: validation, precision, temperature, directions, masking, logs.
 
-A loss is called as ``loss(query, document, info=None) -> LossOutput``. ``query`` and ``document``
-are (B, D) L2-normalised embeddings whose row ``i`` is a true pair; ``info`` is an optional
+A loss is called as ``loss(query, document, info=None) -> LossOutput``. ``query`` is (B, D) and
+``document`` (B + M, D), L2-normalised, whose row ``i < B`` is a true pair; documents ``B ..`` are
+extra negatives (M = 0 for plain pairs; hard negatives of text pairs otherwise): candidates of every
+query in the query→document direction, never a target, never an anchor. ``info`` is an optional
 :class:`~losses.structure.BatchInfo` (clip indices, texts, tag clusters, ...), built by the collator,
 of which each loss uses what it needs.
 
@@ -79,8 +81,12 @@ def _check_embeddings(query: Any, document: Any) -> None:
             raise TypeError(f"{name} embeddings must be floating point, got {x.dtype}")
         if not torch.isfinite(x).all():
             raise ValueError(f"{name} embeddings contain NaN or Inf")
-    if query.shape != document.shape:
-        raise ValueError(f"query shape {tuple(query.shape)} != document shape {tuple(document.shape)}")
+    if query.shape[1] != document.shape[1] or document.shape[0] < query.shape[0]:
+        raise ValueError(
+            f"query shape {tuple(query.shape)} and document shape {tuple(document.shape)} do not match: the "
+            "documents need the queries' dimension and at least one row per query (row i is query i's pair, "
+            "rows beyond the queries are extra negatives)"
+        )
     if query.dtype != document.dtype:
         raise TypeError(f"query dtype {query.dtype} != document dtype {document.dtype}")
 
@@ -91,7 +97,7 @@ def validate_inputs(query: Any, document: Any, info: BatchInfo | None) -> None:
     if info is not None:
         if not isinstance(info, BatchInfo):
             raise TypeError(f"the loss's third argument must be a BatchInfo, got {type(info).__name__}")
-        info.validate(query.shape[0])
+        info.validate(query.shape[0], document.shape[0])
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -182,7 +188,7 @@ class SimilarityLoss(ContrastiveLoss):
         for masker in self.maskers:
             masker.check_structure(present)
         dtype = query.dtype
-        encoded = Structure.encode(query.shape[0], query.device, info)
+        encoded = Structure.encode(query.shape[0], query.device, info, document.shape[0])
         batch = gather_batch(query, document, encoded, self.gather)
         positives = self.extra_positives(batch.structure)
 
@@ -204,12 +210,14 @@ class SimilarityLoss(ContrastiveLoss):
         names = ("q2d", "d2q") if self.directions == "both" else (self.directions,)
         rows = batch.anchors
         targets = torch.arange(rows.start, rows.stop, device=batch.queries.device)
-        # Anchors = all candidates: one matrix serves both directions (d2q reads its columns).
-        full = rows.stop - rows.start == batch.structure.size
+        # Anchors = all pairs: one matrix serves both directions (d2q reads the pairs' columns). The
+        # extra documents are columns of q2d only: d2q's candidates are the queries.
+        pairs = batch.structure.size
+        full = rows.stop - rows.start == pairs
         shared = batch.queries @ batch.documents.T if full else None
         for name in names:
             if full:
-                scores = shared if name == "q2d" else shared.T
+                scores = shared if name == "q2d" else shared[:, :pairs].T
             else:
                 anchors, candidates = (
                     (batch.queries, batch.documents) if name == "q2d" else (batch.documents, batch.queries)

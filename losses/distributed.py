@@ -27,7 +27,9 @@ learnable temperature is a replicated parameter and gets the same treatment (its
 is ∂L/∂τ in both modes).
 
 Structure is gathered for the masks that need it: clip ids, document texts, tag clusters and
-caption kinds are per pair, so they are exact after gathering. ``positive_mask`` and
+caption kinds are per document, so they are exact after gathering. Extra documents (negatives
+beyond the pairs) are gathered as a second part after every process's pair documents, so the
+pairs keep their diagonal. ``positive_mask`` and
 ``guide_scores`` are (B, B) within one process: they become block-diagonal, cross-process entries
 being "not a positive" and "never dropped by the guide". Every process must pass the same
 structure keys (the collectives must match). Processes may hold different batch sizes.
@@ -77,16 +79,23 @@ def world() -> tuple[int, int]:
 def gather_batch(
     query: torch.Tensor, document: torch.Tensor, structure: Structure, mode: GatherMode
 ) -> GatheredBatch:
-    """Gather per ``mode``; a no-op for ``"none"`` and outside distributed runs."""
+    """Gather per ``mode``; a no-op for ``"none"`` and outside distributed runs.
+
+    ``document`` holds the B pair documents and then any extra negatives; after gathering, the
+    documents are every process's pair documents (rank order), then every process's extras.
+    """
     rank, world_size = world()
     n = query.shape[0]
     if mode == "none" or world_size == 1:
         return GatheredBatch(query, document, slice(0, n), structure, 1.0 / n)
-    sizes = _all_gather(torch.tensor([n], device=query.device), [1] * world_size).tolist()
+    counts = torch.tensor([n, document.shape[0] - n], device=query.device)
+    sizes, extra_sizes = _all_gather(counts[None], [1] * world_size).T.tolist()
     total, offset = sum(sizes), sum(sizes[:rank])
     queries = _all_gather(query, sizes, with_grad=True)
-    documents = _all_gather(document, sizes, with_grad=True)
-    gathered = _gather_structure(structure, sizes)
+    documents = _all_gather(document[:n], sizes, with_grad=True)
+    if any(extra_sizes):
+        documents = torch.cat([documents, _all_gather(document[n:], extra_sizes, with_grad=True)])
+    gathered = _gather_structure(structure, sizes, extra_sizes)
     if mode == "local":
         return GatheredBatch(queries, documents, slice(offset, offset + n), gathered, world_size / total)
     return GatheredBatch(queries, documents, slice(0, total), gathered, 1.0 / total)
@@ -106,32 +115,37 @@ def _all_gather(x: torch.Tensor, sizes: list[int], with_grad: bool = False) -> t
     return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(x.dtype)
 
 
-def _block_diagonal(x: torch.Tensor, sizes: list[int], fill: float | bool) -> torch.Tensor:
-    """Gather per-process (B, B) matrices into an (N, N) block-diagonal one filled with ``fill``."""
-    longest = max(sizes)
-    padded = torch.full((x.shape[0], longest), fill, dtype=x.dtype, device=x.device)
+def _block_diagonal(x: torch.Tensor, sizes: list[int], columns: list[int], fill: float | bool) -> torch.Tensor:
+    """Gather per-process (B_r, C_r) matrices into a (ΣB, ΣC) block-diagonal one filled with ``fill``."""
+    padded = torch.full((x.shape[0], max(columns)), fill, dtype=x.dtype, device=x.device)
     padded[:, : x.shape[1]] = x
     rows = _all_gather(padded, sizes)
-    total = sum(sizes)
-    out = torch.full((total, total), fill, dtype=x.dtype, device=x.device)
-    start = 0
-    for size in sizes:
-        out[start : start + size, start : start + size] = rows[start : start + size, :size]
-        start += size
+    out = torch.full((sum(sizes), sum(columns)), fill, dtype=x.dtype, device=x.device)
+    row = column = 0
+    for size, width in zip(sizes, columns):
+        out[row : row + size, column : column + width] = rows[row : row + size, :width]
+        row, column = row + size, column + width
     return out
 
 
-def _gather_structure(structure: Structure, sizes: list[int]) -> Structure:
-    out = Structure(size=sum(sizes))
+def _gather_structure(structure: Structure, sizes: list[int], extra_sizes: list[int]) -> Structure:
+    """Per-document keys and (pairs × documents) matrices of every process, pairs first, then extras."""
+    n = structure.size
+    out = Structure(size=sum(sizes), documents=sum(sizes) + sum(extra_sizes))
     for f in fields(Structure):
         value = getattr(structure, f.name)
-        if f.name == "size" or value is None:
+        if f.name in ("size", "documents") or value is None:
             continue
-        if f.name == "positive_mask":
-            value = _block_diagonal(value, sizes, False)
-        elif f.name == "guide_scores":
-            value = _block_diagonal(value, sizes, float("-inf"))
+        if f.name in ("positive_mask", "guide_scores"):
+            fill = False if f.name == "positive_mask" else float("-inf")
+            parts = [_block_diagonal(value[:, :n], sizes, sizes, fill)]
+            if any(extra_sizes):
+                parts.append(_block_diagonal(value[:, n:], sizes, extra_sizes, fill))
+            value = torch.cat(parts, 1)
         else:
-            value = _all_gather(value, sizes)
+            parts = [_all_gather(value[:n], sizes)]
+            if any(extra_sizes):
+                parts.append(_all_gather(value[n:], extra_sizes))
+            value = torch.cat(parts)
         setattr(out, f.name, value)
     return out

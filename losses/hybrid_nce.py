@@ -114,7 +114,8 @@ class HybridNCE(SimilarityLoss):
             has_tags = keys != 0
             if self.positives_only_for_tags:
                 has_tags &= structure.kind_keys == string_key("tags")
-            same = (keys[:, None] == keys[None, :]) & has_tags[:, None] & has_tags[None, :]
+            pairs = structure.size  # query rows against every document (the extras have no tags)
+            same = (keys[:pairs, None] == keys[None, :]) & has_tags[:pairs, None] & has_tags[None, :]
             positives = same if positives is None else positives | same
         return positives
 

@@ -74,6 +74,39 @@ CASES = [
     for dtype in (torch.float64,)
 ] + [("hybrid", gather, (4, 4), torch.float32) for gather in ("local", "global")]
 DDP_CASES = [(name, gather) for name in ("infonce", "hybrid") for gather in ("local", "global")]
+# Extra negatives (more documents than queries), a different number on each process (one has none).
+EXTRA_TEXTS = ["rain", "sirens", "engine", "choir"]  # "rain" and "engine" repeat pair documents (across processes too)
+EXTRA_CASES = [
+    (name, gather, extras)
+    for name in ("infonce_duplicates", "hybrid")
+    for gather in ("local", "global")
+    for extras in ((1, 3), (0, 2))
+]
+
+
+def make_extra_loss(name, gather):
+    if name == "infonce_duplicates":
+        return InfoNCE(temperature=0.1, learnable_temperature=True, masker=DuplicateMasker(), gather=gather)
+    return HybridNCE(temperature=0.1, alpha=0.7, beta=0.3, lam=0.5, positives_only_for_tags=False, gather=gather)
+
+
+def extra_batch(extras):
+    """Pairs split (3, 5) over the processes; each process adds its own extra documents."""
+    q, d, structure = full_batch(torch.float64)
+    g = torch.Generator().manual_seed(2)
+    e = F.normalize(torch.randn(sum(extras), D, generator=g, dtype=torch.float64), dim=-1)
+    keep = {k: structure[k] for k in ("clip_index", "texts", "tag_clusters", "caption_kinds")}
+    return q, d, e, keep
+
+
+def extra_local(extras, rank):
+    q, d, e, structure = extra_batch(extras)
+    start, stop = bounds((3, 5), rank)
+    e_start = sum(extras[:rank])
+    e_stop = e_start + extras[rank]
+    info = {k: v[start:stop] for k, v in structure.items()}
+    info["extra_texts"] = EXTRA_TEXTS[e_start:e_stop]
+    return q[start:stop], torch.cat([d[start:stop], e[e_start:e_stop]]), info
 
 
 def full_batch(dtype):
@@ -155,6 +188,14 @@ def _worker(rank, port, out_dir):
             out = loss(q, d, BatchInfo(**local_structure(structure, start, stop)))
             out.loss.backward()
             results[case] = (out.loss.detach(), q.grad, d.grad, temperature_grad(loss))
+        for case in EXTRA_CASES:
+            name, gather, extras = case
+            q, d, info = extra_local(extras, rank)
+            q, d = q.clone().requires_grad_(), d.clone().requires_grad_()
+            loss = make_extra_loss(name, gather)
+            out = loss(q, d, BatchInfo(**info))
+            out.loss.backward()
+            results[("extra", *case)] = (out.loss.detach(), q.grad, d.grad)
         for name, gather in DDP_CASES:
             start, stop = bounds((4, 4), rank)
             _, _, structure = full_batch(torch.float64)
@@ -225,3 +266,26 @@ def test_ddp_parameter_gradients_match_single_process(per_rank, name, gather):
     for results in per_rank:
         for key, param in model.named_parameters():
             torch.testing.assert_close(results[("ddp", name, gather)][key], param.grad, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", EXTRA_CASES, ids=lambda c: f"{c[0]}-{c[1]}-extras{c[2][0]}+{c[2][1]}")
+def test_gathered_extra_documents_match_single_process(per_rank, case):
+    """Every process's extra negatives join the candidates of every query, as in one process that
+    holds all pairs and then all extras."""
+    name, gather, extras = case
+    q, d, e, structure = extra_batch(extras)
+    documents = torch.cat([d, e]).requires_grad_()
+    q.requires_grad_()
+    info = BatchInfo(**structure, extra_texts=EXTRA_TEXTS[: sum(extras)])
+    out = make_extra_loss(name, "none")(q, documents, info)
+    grad_q, grad_docs = torch.autograd.grad(out.loss, (q, documents))
+    tol = dict(rtol=0, atol=1e-6)
+    losses = torch.stack([results[("extra", *case)][0] for results in per_rank])
+    torch.testing.assert_close(losses.mean() if gather == "local" else losses[0], out.loss.detach(), **tol)
+    for rank, results in enumerate(per_rank):
+        start, stop = bounds((3, 5), rank)
+        e_start = sum(extras[:rank])
+        _, got_q, got_d = results[("extra", *case)]
+        torch.testing.assert_close(got_q, WORLD * grad_q[start:stop], **tol)
+        expected_d = torch.cat([grad_docs[start:stop], grad_docs[N + e_start : N + e_start + extras[rank]]])
+        torch.testing.assert_close(got_d, WORLD * expected_d, **tol)
