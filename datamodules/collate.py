@@ -37,6 +37,11 @@ class PairCollator:
     Examples without documents (zero-shot classification, whose class prompts are embedded once per
     evaluation) give ``batch["document"] = None`` and no document modality.
 
+    Training examples may carry ``negatives`` (:class:`EmbedInput` s, e.g. the hard negatives of
+    text pairs): they follow every example's documents on the document side, as the loss's extra
+    negatives (``info.extra_texts``; document index and key -1), so ``batch["document"]`` then has
+    more rows than ``batch["query"]``.
+
     Examples a dataset skipped (:class:`~datamodules.bad_samples.SkippedSample` markers, under the
     ``skip`` bad-sample policy) are dropped, never replaced, and counted in ``batch["skipped"]``
     (``{reason: count}``, empty when none). When every example of a batch was skipped, the batch is
@@ -74,6 +79,13 @@ class PairCollator:
                 document_owner.append(owner)
                 document_index.append(ex["clip_index"])
                 document_key.append(ex["clip_index"] * MAX_DOCS_PER_CLIP + j)
+        pairs = len(documents)
+        for owner, ex in enumerate(examples):
+            for doc in ex.get("negatives", ()):  # extra negatives follow every example's documents
+                documents.append(doc)
+                document_owner.append(owner)
+                document_index.append(-1)
+                document_key.append(-1)
         documents, truncated_documents = self.backbone_collator.truncate(documents)
         query_index = torch.tensor([ex["clip_index"] for ex in examples], dtype=torch.long)
         texts = [doc.text for doc in documents]
@@ -91,12 +103,13 @@ class PairCollator:
             "skipped": skipped,
             "truncated": {"query": truncated_queries, "document": truncated_documents},
         }
-        if len(documents) == len(examples):  # training: one document per query, the loss's pairs
+        if pairs == len(examples):  # training: one document per query, the loss's pairs (+ extras)
             batch["info"] = BatchInfo(
                 clip_index=query_index,
-                texts=texts,
+                texts=texts[:pairs],
                 caption_kinds=[ex.get("caption_kind", "caption") for ex in examples],
                 tag_clusters=[self.tag_clusters.clusters_for(ex.get("tags", [])) for ex in examples],
+                extra_texts=texts[pairs:] if len(texts) > pairs else None,
             )
         if "answer_slot" in examples[0]:  # QA by retrieval: the document key of each query's answer
             batch["answer_key"] = torch.tensor(

@@ -125,6 +125,9 @@ class RetrievalDataModule(pl.LightningDataModule):
         num_negatives: hard negatives per training query (with ``mined_negatives``).
         negative_directions: which direction each re-ranker training query takes: ``"both"`` draws
             audio→text or text→audio with probability 1/2 (AuroLA), or one of them.
+        text_hard_negatives: text-pair rows (``query_text`` / ``document_text``, the SimCSE NLI CSV's
+            ``sent0`` / ``sent1``) give their ``hard_negatives`` (``hard_neg``) to the loss as extra
+            documents of the batch; ``False`` leaves them unused, as AuroLA does.
     """
 
     def __init__(
@@ -154,6 +157,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         mined_negatives: str | None = None,
         num_negatives: int = 0,
         negative_directions: Literal["both", "a2t", "t2a"] = "both",
+        text_hard_negatives: bool = True,
     ):
         super().__init__()
         if on_bad_sample not in get_args(BadSamplePolicy):
@@ -196,6 +200,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.mined_negatives = mined_negatives
         self.num_negatives = num_negatives
         self.negative_directions = negative_directions
+        self.text_hard_negatives = text_hard_negatives
         self.records: dict[str, list[ClipRecord]] = {}
         #: samples dropped in setup under ``skip``, per record key (``train``, ``val``, ``val/<set name>``, ...).
         self.skipped: dict[str, list[SkippedSample]] = {}
@@ -444,6 +449,7 @@ class RetrievalDataModule(pl.LightningDataModule):
             query_instruction=self.query_instruction,
             document_instruction=self.document_instruction,
             on_bad_sample=self.on_bad_sample,
+            hard_negatives=self.text_hard_negatives,
         )
         if self.mined_negatives is not None:
             records = self._split("train")

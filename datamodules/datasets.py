@@ -9,8 +9,9 @@ Items are dicts consumed by the model's collator::
         "clip_id": str,
         "audio_path": str,                # the clip's audio file, as the manifest resolved it
         "source": str,                    # "manifest:line" of the row, for error messages
-        "caption_kind": str,              # caption field the document came from, or "qa"
+        "caption_kind": str,              # caption field the document came from, "qa" or "text_pair"
         "tags": list[str],
+        "negatives": list[EmbedInput],    # text pairs' hard negatives (training only; may be absent)
     }
 
 Randomness (which caption, where to crop) is a pure function of ``(seed, epoch, index)``, so an item
@@ -95,6 +96,11 @@ class PairDataset(Dataset):
     The caption is drawn by first picking uniformly among the ``caption_fields`` the clip has, then
     uniformly among that field's texts. Audio QA rows (``question`` + ``answer``) become
     ``query = audio + question (+ choices)``, ``document = answer`` with ``caption_kind = "qa"``.
+    Text pairs (rows with ``query_text`` and ``document_text``, e.g. the SimCSE NLI pairs of
+    AuroLA's text pre-training stage) become ``query = query_text``, ``document = document_text``
+    with ``caption_kind = "text_pair"``; with ``hard_negatives`` their ``hard_negatives`` texts
+    become the item's ``negatives``, extra documents of the batch (AuroLA leaves them unused). No
+    audio is read for them.
 
     Args:
         records: clips from :func:`datamodules.manifest.read_manifest`.
@@ -109,6 +115,7 @@ class PairDataset(Dataset):
         document_instruction: instruction attached to the text side.
         on_bad_sample: ``"error"`` raises on a clip that fails to decode; ``"skip"`` returns a
             :class:`~datamodules.bad_samples.SkippedSample` instead of the item.
+        hard_negatives: give text pairs their ``hard_negatives`` as extra documents.
     """
 
     def __init__(
@@ -122,6 +129,7 @@ class PairDataset(Dataset):
         query_instruction: str | None = None,
         document_instruction: str | None = None,
         on_bad_sample: BadSamplePolicy = "error",
+        hard_negatives: bool = True,
     ):
         if not caption_fields:
             raise ValueError("caption_fields must name at least one field")
@@ -136,9 +144,10 @@ class PairDataset(Dataset):
         self.query_instruction = query_instruction
         self.document_instruction = document_instruction
         self.on_bad_sample = on_bad_sample
+        self.hard_negatives = hard_negatives
         self.epoch = 0
         for record in self.records:
-            if not record.is_qa and not self._fields_of(record):
+            if not record.is_qa and not record.is_text_pair and not self._fields_of(record):
                 raise ValueError(f"{record.source}: clip '{record.id}' has none of the fields {self.caption_fields}")
 
     def set_epoch(self, epoch: int) -> None:
@@ -159,6 +168,8 @@ class PairDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | SkippedSample:
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         record = self.records[index]
+        if record.is_text_pair:
+            return self._text_pair(record, index)
         caption_rng, crop_rng = self._rngs(epoch, index)
         wave = _load(record, self.sampling_rate, self.policy, self.on_bad_sample, self.train, crop_rng)
         if isinstance(wave, SkippedSample):
@@ -171,6 +182,13 @@ class PairDataset(Dataset):
         texts = record.texts(kind)
         caption = texts[int(caption_rng.integers(len(texts)))]
         return _item(record, index, query, [caption], kind, self.document_instruction)
+
+    def _text_pair(self, record: ClipRecord, index: int) -> dict[str, Any]:
+        query = EmbedInput(text=record.extra["query_text"], instruction=self.query_instruction)
+        item = _item(record, index, query, list(record.captions[:1]), "text_pair", self.document_instruction)
+        negatives = record.texts("hard_negatives") if self.hard_negatives else []
+        item["negatives"] = [EmbedInput(text=text, instruction=self.document_instruction) for text in negatives]
+        return item
 
 
 class EvalDataset(Dataset):
@@ -222,6 +240,12 @@ class EvalDataset(Dataset):
         self.with_documents = with_documents
         if qa is not None and not (len(qa[0]) == len(qa[1]) == len(self.records)):
             raise ValueError("qa layout needs one answer slot and one category per record")
+        for record in self.records:
+            if record.is_text_pair:
+                raise ValueError(
+                    f"{record.source}: text pairs (query_text/document_text) are training rows; evaluate on "
+                    "audio sets"
+                )
         for record in self.records if qa is None and with_documents else ():
             if not (record.is_qa and text_field == "caption") and not record.texts(text_field):
                 raise ValueError(f"{record.source}: clip '{record.id}' has no '{text_field}' text to retrieve")

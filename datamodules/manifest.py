@@ -126,6 +126,11 @@ class ClipRecord:
         return "question" in self.extra and "answer" in self.extra
 
     @property
+    def is_text_pair(self) -> bool:
+        """``True`` for text-only pairs (``query_text`` + ``document_text``, no audio)."""
+        return "query_text" in self.extra
+
+    @property
     def tags(self) -> list[str]:
         """The clip's tags (possibly empty)."""
         return list(self.extra.get("tags", []))

@@ -102,7 +102,9 @@ class EmbeddingModule(FineTuneModule):
         """The collator's :class:`BatchInfo`, plus the guide's scores when there is a guide."""
         info = batch["info"]
         if self.guide is not None:
-            info = dataclasses.replace(info, guide_scores=self.guide(batch["texts"]).to(self.device))
+            # The guide scores captions against captions: the pairs' rows, every document's column.
+            pairs = batch["query_index"].shape[0]
+            info = dataclasses.replace(info, guide_scores=self.guide(batch["texts"])[:pairs].to(self.device))
         return info
 
     def training_loss(self, query: torch.Tensor, document: torch.Tensor, batch: dict[str, Any]) -> LossOutput:

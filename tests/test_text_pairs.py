@@ -1,0 +1,94 @@
+"""Text-only pairs (AuroLA's text pre-training stage): query text vs document text, with the rows'
+hard negatives as extra documents of the batch.
+
+The training loss is checked against a float64 recomputation from separately embedded queries,
+documents and negatives with the InfoNCE formula over all B + M documents written out here."""
+
+import math
+
+import pytest
+import torch
+
+from datamodules.audio import AudioPolicy
+from datamodules.datasets import EvalDataset, PairDataset
+from datamodules.inputs import EmbedInput
+from datamodules.manifest import ClipRecord
+from lightning_modules import EmbeddingModule, EmbTokenPooler, IdentityHead, QwenOmniThinker
+from lightning_modules.adapters import LoraSettings
+from losses import BatchInfo, InfoNCE
+
+ROWS = [
+    ("a man plays a guitar", "someone is making music", ["nobody is playing"]),
+    ("two dogs run on grass", "animals are outside", ["the dogs are asleep"]),
+    ("a child reads a book", "a kid is reading", []),
+    ("rain falls on the roof", "it is raining", ["the sky is clear", "it is sunny"]),
+]
+
+
+def records(rows=ROWS):
+    out = []
+    for i, (query, document, negatives) in enumerate(rows):
+        extra = {"query_text": query}
+        if negatives:
+            extra["hard_negatives"] = negatives
+        out.append(ClipRecord(id=f"nli:{i + 2}", audio_path="", captions=[document], extra=extra, source=f"nli.csv:{i + 2}"))
+    return out
+
+
+def dataset(hard_negatives=True):
+    return PairDataset(records(), 16000, AudioPolicy(10.0), hard_negatives=hard_negatives)
+
+
+def test_items_hold_the_query_text_the_document_and_the_negatives():
+    item = dataset()[3]
+    assert item["query"].text == "rain falls on the roof" and item["query"].audio is None
+    assert [doc.text for doc in item["documents"]] == ["it is raining"]
+    assert [neg.text for neg in item["negatives"]] == ["the sky is clear", "it is sunny"]
+    assert item["caption_kind"] == "text_pair"
+    assert dataset(hard_negatives=False)[3]["negatives"] == []
+
+
+def test_text_pairs_are_not_evaluation_rows():
+    with pytest.raises(ValueError, match=r"nli.csv:2: text pairs .* training rows"):
+        EvalDataset(records(), 16000, AudioPolicy(10.0))
+
+
+@pytest.fixture(scope="module")
+def module():
+    torch.manual_seed(0)
+    backbone = QwenOmniThinker(tiny=True, lora=LoraSettings(r=4))
+    module = EmbeddingModule(backbone, EmbTokenPooler(), IdentityHead(), InfoNCE(temperature=0.05, directions="q2d"))
+    return module.train()
+
+
+def test_collated_batch_puts_the_negatives_after_the_pairs(module):
+    data = dataset()
+    batch = module.collate([data[i] for i in range(len(data))])
+    assert batch["query_modality"] == "text" and batch["document_modality"] == "text"
+    assert batch["texts"] == [r[1] for r in ROWS] + ["nobody is playing", "the dogs are asleep",
+                                                     "the sky is clear", "it is sunny"]
+    assert batch["info"].texts == [r[1] for r in ROWS]
+    assert batch["info"].extra_texts == ["nobody is playing", "the dogs are asleep", "the sky is clear", "it is sunny"]
+    assert batch["document_index"].tolist() == [0, 1, 2, 3, -1, -1, -1, -1]
+    assert batch["document"]["input_ids"].shape[0] == 8 and batch["query"]["input_ids"].shape[0] == 4
+
+
+def test_training_loss_uses_every_negative(module):
+    data = dataset()
+    batch = module.collate([data[i] for i in range(len(data))])
+    with torch.no_grad():
+        query, document = module.embed_batch(batch)
+        loss = module.training_loss(query, document, batch).loss.item()
+        # Embedded one text at a time, independently of the batch.
+        texts = [r[1] for r in ROWS] + batch["info"].extra_texts
+        docs = torch.cat([module._embed_texts([EmbedInput(text=t)]) for t in texts]).double()
+    q = query.double()
+    scale = module.loss.temperature.scale(torch.float64).item()
+    expected = 0.0
+    for i in range(len(ROWS)):
+        logits = [scale * float(q[i] @ docs[j]) for j in range(len(texts))]
+        expected += math.log(sum(math.exp(x) for x in logits)) - logits[i]
+    expected /= len(ROWS)
+    assert loss == pytest.approx(expected, abs=1e-4)
+    without = module.loss(query, document[: len(ROWS)], BatchInfo(texts=batch["info"].texts)).loss.item()
+    assert without < loss  # the negatives enlarge every denominator
