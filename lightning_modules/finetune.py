@@ -15,6 +15,8 @@ from lightning_modules.weights import (
     check_checkpoint_state,
     checkpoint_keys,
     load_trainable_state_dict,
+    lora_scalings,
+    merge_lora_into,
     read_trainable_weights,
 )
 
@@ -42,7 +44,8 @@ class FineTuneModule(LightningModule):
       :func:`lightning_modules.weights.checkpoint_keys`), so loading is not strict, and
       :meth:`on_load_checkpoint` checks instead that every trainable weight is there. FSDP2's sharded
       checkpoints keep the full state: Lightning's distributed loader needs every key.
-    - **init_from**: subclasses call :meth:`init_trainable_from` at the end of their constructor.
+    - **init_from**: subclasses call :meth:`init_trainable_from` at the end of their constructor:
+      the earlier run's trainable weights as they are, or its LoRA merged into the base weights.
 
     The rest of the training machinery is shared outside the module: the non-finite guard and the
     RNG state are callbacks (:mod:`callbacks.nonfinite`, :mod:`callbacks.rng_state`), FSDP2 sharding
@@ -74,14 +77,38 @@ class FineTuneModule(LightningModule):
         # Checkpoints leave the frozen weights out; on_load_checkpoint checks the trainable ones.
         self.strict_loading = False
 
-    def init_trainable_from(self, path: str | None) -> None:
+    def init_trainable_from(self, path: str | None, merge_lora: bool = False) -> None:
         """Start from the trainable weights of an earlier run: a ``.safetensors`` file of trainable
         weights or a Lightning ``.ckpt``. Every trainable parameter must be present with the same
-        shape; frozen weights come from the backbone's own checkpoint."""
-        if path is not None:
+        shape; frozen weights come from the backbone's own checkpoint.
+
+        With ``merge_lora`` (a ``.ckpt`` only) the earlier run's LoRA updates are merged into this
+        model's base weights (:func:`~lightning_modules.weights.merge_lora_into`) and this model's
+        own adapters start fresh, of any rank; the earlier run's other weights (a head, τ) are
+        copied where this model has them with the same shape, buffers come from this model's config.
+        """
+        if path is None:
+            return
+        if not merge_lora:
             load_trainable_state_dict(self, read_trainable_weights(path, self), source=path)
+            return
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if "lora_scaling" not in checkpoint:
+            raise ValueError(f"{path}: merging needs a Lightning checkpoint of this project that records its LoRA scaling")
+        rest = merge_lora_into(self, checkpoint["state_dict"], checkpoint["lora_scaling"], path)
+        params = dict(self.named_parameters())
+        buffers = {name for name, _ in self.named_buffers()}
+        unknown = sorted(key for key in rest if key not in params and key not in buffers)
+        wrong = sorted(key for key in rest if key in params and tuple(rest[key].shape) != tuple(params[key].shape))
+        if unknown or wrong:
+            raise ValueError(f"{path} does not fit the model: unknown weights {unknown[:20]}, wrong shape {wrong[:20]}")
+        with torch.no_grad():
+            for key in rest.keys() & params.keys():
+                params[key].copy_(rest[key].to(dtype=params[key].dtype, device=params[key].device))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # What merging this run's adapters into a later stage's base weights needs (init_from).
+        checkpoint["lora_scaling"] = lora_scalings(self)
         weights = checkpoint["state_dict"]
         if not any(isinstance(tensor, DTensor) for tensor in weights.values()):
             keep = checkpoint_keys(self)

@@ -55,6 +55,9 @@ class EmbeddingModule(FineTuneModule):
             own cluster.
         init_from: start from the trainable weights of an earlier run (e.g. ALM2Vec stage 1 →
             stage 2): a ``.safetensors`` file of trainable weights or a Lightning ``.ckpt``.
+        init_merge_lora: with ``init_from`` (a ``.ckpt``), merge the earlier run's LoRA update into
+            the base weights and train this recipe's own, fresh adapters on top, of any rank (AuroLA's
+            text stage, r 64, hands over to its audio stage, r 128, this way).
         **kwargs: optimiser settings of :class:`FineTuneModule` (``learning_rate``,
             ``weight_decay``, ``betas``, ``warmup_steps``, ``min_lr_ratio``).
     """
@@ -69,6 +72,7 @@ class EmbeddingModule(FineTuneModule):
         guide: TextGuide | None = None,
         tag_cluster_file: str | None = None,
         init_from: str | None = None,
+        init_merge_lora: bool = False,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -86,7 +90,7 @@ class EmbeddingModule(FineTuneModule):
         self._evaluators: dict[str, list[Evaluator]] = {}
         #: metrics of the last test epoch, read by the report callback.
         self.test_results: dict[str, float] = {}
-        self.init_trainable_from(init_from)
+        self.init_trainable_from(init_from, merge_lora=init_merge_lora)
 
     def embed(self, inputs: dict[str, torch.Tensor], modality: str) -> torch.Tensor:
         """L2-normalised float32 embeddings of one side of a batch."""

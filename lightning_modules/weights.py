@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -87,3 +89,58 @@ def estimated_checkpoint_bytes(module: nn.Module) -> int:
     buffers = {name for name, _ in module.named_buffers(remove_duplicate=False)}
     saved = sum(t.numel() * t.element_size() for name, t in module.state_dict().items() if name in buffers)
     return 3 * trainable + saved
+
+
+def lora_scalings(module: nn.Module) -> dict[str, float]:
+    """``{"<layer>.<adapter>": scaling}`` of every LoRA layer (peft's ``alpha / r``, or ``alpha / √r``
+    with rsLoRA): what merging an adapter's update ``scaling · B A`` into its base weight needs, and
+    what a checkpoint cannot tell from the adapter's shapes alone."""
+    from peft.tuners.lora import LoraLayer  # peft pulls in bitsandbytes; import only when asked
+
+    return {
+        f"{name}.{adapter}": float(scale)
+        for name, layer in module.named_modules()
+        if isinstance(layer, LoraLayer)
+        for adapter, scale in layer.scaling.items()
+    }
+
+
+_LORA_A = re.compile(r"(?P<layer>.+)\.lora_A\.(?P<adapter>[^.]+)\.weight")
+
+
+def merge_lora_into(module: nn.Module, state: dict[str, torch.Tensor], scalings: dict[str, float],
+                    source: str) -> dict[str, torch.Tensor]:
+    """Add an earlier run's LoRA updates ``scaling · B A`` to ``module``'s base weights, in place.
+
+    ``state`` holds the earlier run's trainable weights (``<layer>.lora_A.<adapter>.weight`` and
+    ``lora_B``) and ``scalings`` its :func:`lora_scalings`. The update of layer ``L`` goes into
+    ``L.base_layer.weight`` when ``module`` has its own adapter on ``L``, else into ``L.weight``;
+    ``module``'s own adapters are left as they are, so they train on top of the merged weights (how
+    AuroLA moves from its text stage, rank 64, to its audio stage, rank 128). Merging into 4-bit
+    weights is refused. Returns the entries of ``state`` that are not LoRA matrices.
+    """
+    params = dict(module.named_parameters())
+    merged: set[str] = set()
+    for key in sorted(state):
+        match = _LORA_A.fullmatch(key)
+        if match is None:
+            continue
+        layer, adapter = match["layer"], match["adapter"]
+        key_b = f"{layer}.lora_B.{adapter}.weight"
+        scale = scalings.get(f"{layer}.{adapter}")
+        if key_b not in state or scale is None:
+            raise ValueError(f"{source}: LoRA weights of {layer} are incomplete (lora_B or its scaling is missing)")
+        target = params.get(f"{layer}.base_layer.weight", params.get(f"{layer}.weight"))
+        if target is None:
+            raise ValueError(f"{source}: the model has no layer {layer} to merge its LoRA update into")
+        if not target.is_floating_point() or type(target).__name__ == "Params4bit":
+            raise ValueError(f"{source}: cannot merge a LoRA update into the quantised weight of {layer}")
+        delta = scale * (state[key_b].double() @ state[key].double())
+        if tuple(delta.shape) != tuple(target.shape):
+            raise ValueError(f"{source}: LoRA update of {layer} has shape {tuple(delta.shape)}, the weight {tuple(target.shape)}")
+        with torch.no_grad():
+            target.add_(delta.to(device=target.device, dtype=target.dtype))
+        merged |= {key, key_b}
+    if any(".lora_magnitude_vector." in key for key in state):
+        raise ValueError(f"{source}: DoRA adapters cannot be merged this way")
+    return {key: value for key, value in state.items() if key not in merged}

@@ -92,3 +92,41 @@ def test_training_loss_uses_every_negative(module):
     assert loss == pytest.approx(expected, abs=1e-4)
     without = module.loss(query, document[: len(ROWS)], BatchInfo(texts=batch["info"].texts)).loss.item()
     assert without < loss  # the negatives enlarge every denominator
+
+
+def lora_module(r, alpha, init_from=None, merge=False):
+    torch.manual_seed(0)  # the same tiny base weights in both stages, as a real checkpoint gives
+    backbone = QwenOmniThinker(tiny=True, lora=LoraSettings(r=r, alpha=alpha))
+    return EmbeddingModule(backbone, EmbTokenPooler(), IdentityHead(), InfoNCE(), init_from=init_from,
+                           init_merge_lora=merge).eval()
+
+
+def test_hand_over_merges_the_text_stage_adapters_into_the_next_stage(tmp_path):
+    """The next stage (fresh rank-8 adapters, B = 0) must embed exactly as the text stage (rank 4,
+    its adapters applied unmerged by peft) did."""
+    text_stage = lora_module(4, 8)
+    with torch.no_grad():
+        for name, param in text_stage.named_parameters():
+            if "lora_" in name:
+                param.normal_(std=0.2)
+    checkpoint = {"state_dict": text_stage.state_dict()}
+    text_stage.on_save_checkpoint(checkpoint)
+    path = tmp_path / "text_stage.ckpt"
+    torch.save(checkpoint, path)
+
+    batch = text_stage.collate([dataset()[i] for i in range(len(ROWS))])
+    with torch.no_grad():
+        expected = torch.cat(text_stage.embed_batch(batch))
+        fresh = torch.cat(lora_module(8, 16).embed_batch(batch))
+        merged = lora_module(8, 16, init_from=str(path), merge=True)
+        got = torch.cat(merged.embed_batch(batch))
+    assert (fresh - expected).abs().max() > 1e-2  # the text stage's adapters do change the embeddings
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert all(float(p.detach().abs().max()) == 0 for n, p in merged.named_parameters() if "lora_B" in n)
+
+    with pytest.raises(ValueError, match="does not match the model's trainable weights"):
+        lora_module(8, 16, init_from=str(path))  # without merging, the ranks must agree
+    del checkpoint["lora_scaling"]
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match="records its LoRA scaling"):
+        lora_module(8, 16, init_from=str(path), merge=True)
