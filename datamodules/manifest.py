@@ -35,6 +35,17 @@ JSON list (as AuroLA/WavCaps ship AudioCaps and Clotho)::
 ``video_id`` (or ``id``) names a file in ``audio_dir``; when no file has exactly that name, the
 extensions .wav .flac .ogg .mp3 are tried in turn. A top-level ``{"data": [...]}`` is accepted too.
 
+Text-only pairs (AuroLA's text pre-training stage) carry no audio: a JSONL row with ``query_text``
+and ``document_text`` (optional ``hard_negatives``, a list of texts; optional ``id``, else the row's
+``manifest:line``)::
+
+    {"query_text": "A man plays a guitar.", "document_text": "Someone makes music.", "hard_negatives": ["Nobody plays."]}
+
+or the SimCSE NLI CSV (``nli_for_simcse.csv``) read directly: columns ``sent0`` (query), ``sent1``
+(document) and optionally ``hard_neg`` (one hard negative; empty cells give none). Their records
+have ``audio_path = ""``, ``captions = [document_text]`` and ``query_text`` / ``hard_negatives`` in
+:attr:`ClipRecord.extra`; the header scan passes them without reading anything.
+
 Manifests are UTF-8, with or without the byte-order mark that Windows tools and spreadsheets write
 at the start of a file: every manifest reader opens its file with :func:`open_manifest`, which drops
 a leading BOM (a BOM anywhere else is still an error of its row).
@@ -42,6 +53,7 @@ a leading BOM (a BOM anywhere else is still an error of its row).
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections.abc import Callable
@@ -66,6 +78,7 @@ __all__ = [
     "ClipRecord",
     "ManifestError",
     "open_manifest",
+    "read_csv",
     "read_json_list",
     "read_jsonl",
     "read_manifest",
@@ -255,6 +268,20 @@ def _named_value(value: Any, where: str, what: str) -> str:
     return value
 
 
+def _text_pair(query: Any, document: Any, negatives: Any, clip_id: Any, where: str) -> ClipRecord:
+    """A text-only pair's record (see the module docstring), its fields validated."""
+    query = _text_list(query, where, "query_text", "")
+    document = _text_list(document, where, "document_text", "")
+    if len(query) != 1 or len(document) != 1:
+        raise _error(where, "'query_text' and 'document_text' must each be one string", WRONG_TYPE)
+    if not isinstance(clip_id, str) or not clip_id:
+        raise _error(where, f"'id' must be a non-empty string, got {clip_id!r}", WRONG_TYPE)
+    extra: dict[str, Any] = {"query_text": query[0]}
+    if negatives not in (None, []):
+        extra["hard_negatives"] = _text_list(negatives, where, "hard_negatives", "")
+    return ClipRecord(id=clip_id, audio_path="", captions=document, extra=extra, source=where)
+
+
 def _jsonl_row(line: str, where: str, base: str) -> ClipRecord:
     try:
         row = json.loads(line)
@@ -262,6 +289,10 @@ def _jsonl_row(line: str, where: str, base: str) -> ClipRecord:
         raise _error(where, f"invalid JSON ({err.msg} at column {err.colno})", INVALID_JSON) from err
     if not isinstance(row, dict):
         raise _error(where, f"a row must be a JSON object, got {type(row).__name__}", NOT_AN_OBJECT)
+    if "query_text" in row or "document_text" in row:
+        if "query_text" not in row or "document_text" not in row:
+            raise _error(where, "a text pair needs both 'query_text' and 'document_text'", MISSING_FIELD)
+        return _text_pair(row["query_text"], row["document_text"], row.get("hard_negatives"), row.get("id", where), where)
     audio = _named_value(row.get("audio"), where, "'audio' (path of the audio file)")
     audio_path = os.path.join(base, os.path.expanduser(audio))
     return _record(row, audio_path, row.get("id", audio), where, skip=("audio", "caption", "id"))
@@ -342,6 +373,40 @@ def read_json_list(
     return records
 
 
+#: columns of the SimCSE NLI CSV: query, document, optional hard negative.
+NLI_COLUMNS = ("sent0", "sent1", "hard_neg")
+
+
+def read_csv(path: str, problems: list[SkippedSample] | None = None) -> list[ClipRecord]:
+    """Parse a CSV manifest; the SimCSE NLI layout (``sent0, sent1[, hard_neg]``) gives text pairs.
+
+    Rows are named ``path:line`` by the line they start on; a row's id is that name.
+
+    Raises:
+        ManifestError: a header of another layout; a bad row (unless ``problems`` is given).
+    """
+    records: list[ClipRecord] = []
+    seen: dict[str, str] = {}
+    with open_manifest(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        if not {"sent0", "sent1"} <= set(columns):
+            raise ManifestError(
+                f"{path}: unknown CSV layout (columns {columns}); expected the SimCSE NLI columns "
+                f"{', '.join(NLI_COLUMNS)} (hard_neg optional)",
+                UNSUPPORTED_FORMAT,
+                path,
+            )
+        line = reader.line_num + 1
+        for row in reader:
+            where = f"{path}:{line}"
+            line = reader.line_num + 1
+            negative = (row.get("hard_neg") or "").strip()
+            _keep(records, seen, problems, _text_pair, row["sent0"], row["sent1"], [negative] if negative else None,
+                  where, where)
+    return records
+
+
 def read_manifest(
     path: str, audio_dir: str | None = None, problems: list[SkippedSample] | None = None
 ) -> list[ClipRecord]:
@@ -364,8 +429,10 @@ def read_manifest(
         return read_jsonl(path, problems)
     if path.endswith(".json"):
         return read_json_list(path, audio_dir, problems)
+    if path.endswith(".csv"):
+        return read_csv(path, problems)
     raise ManifestError(
-        f"{path}: unknown manifest format (expected .jsonl rows or a .json list)", UNSUPPORTED_FORMAT, path
+        f"{path}: unknown manifest format (expected .jsonl rows, a .json list or a .csv)", UNSUPPORTED_FORMAT, path
     )
 
 
@@ -391,6 +458,10 @@ def screen_audio(
     """
     kept, durations = [], []
     for record in records:
+        if record.is_text_pair:  # no audio to screen
+            kept.append(record)
+            durations.append(0.0)
+            continue
         try:
             durations.append(audio_duration(record.audio_path))
         except AudioDecodeError as err:

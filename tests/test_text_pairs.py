@@ -130,3 +130,67 @@ def test_hand_over_merges_the_text_stage_adapters_into_the_next_stage(tmp_path):
     torch.save(checkpoint, path)
     with pytest.raises(ValueError, match="records its LoRA scaling"):
         lora_module(8, 16, init_from=str(path), merge=True)
+
+
+# --- reading text pairs, and the two-stage recipe through the CLI ---------------------------------
+
+from pathlib import Path  # noqa: E402
+
+from datamodules.manifest import ManifestError, read_manifest, screen_audio  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_nli_csv_rows_become_text_pairs(tmp_path):
+    path = tmp_path / "nli.csv"
+    path.write_text('sent0,sent1,hard_neg\nA dog barks.,"An animal, loud.",A cat sleeps.\n'
+                    '"Two\nlines",Rain.,\n', encoding="utf-8")
+    records = read_manifest(str(path))
+    assert [(r.id, r.extra["query_text"], r.captions, r.extra.get("hard_negatives")) for r in records] == [
+        (f"{path}:2", "A dog barks.", ["An animal, loud."], ["A cat sleeps."]),
+        (f"{path}:3", "Two\nlines", ["Rain."], None),  # a quoted cell over two lines; no hard negative
+    ]
+    kept, durations = screen_audio(records)
+    assert kept == records and durations == [0.0, 0.0]
+
+
+def test_bad_text_pair_rows_name_file_and_line(tmp_path):
+    path = tmp_path / "nli.csv"
+    path.write_text("sent0,sent1\nfine,also fine\n,empty query\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match=rf"{path}:3: 'query_text' entries must be non-empty"):
+        read_manifest(str(path))
+    problems = []
+    assert [r.extra["query_text"] for r in read_manifest(str(path), problems=problems)] == ["fine"]
+    assert [p.reason for p in problems] == ["empty_text"]
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match=r"unknown CSV layout \(columns \['a', 'b'\]\)"):
+        read_manifest(str(other))
+    rows = tmp_path / "pairs.jsonl"
+    rows.write_text('{"query_text": "q", "document_text": "d", "hard_negatives": ["n1", "n2"], "id": "p1"}\n'
+                    '{"query_text": "q only"}\n', encoding="utf-8")
+    with pytest.raises(ManifestError, match=rf"{rows}:2: a text pair needs both"):
+        read_manifest(str(rows))
+    first = read_manifest(str(rows), problems=[])[0]
+    assert (first.id, first.extra["hard_negatives"], first.audio_path) == ("p1", ["n1", "n2"], "")
+
+
+def test_text_stage_hands_over_to_the_audio_stage(tmp_path, monkeypatch):
+    """configs/aurola_text.yaml (tiny) trains on the NLI fixture; configs/aurola.yaml (tiny) starts from
+    it with the text adapters merged (rank 64 into the base weights, fresh rank-16 adapters)."""
+    from main import main
+
+    monkeypatch.chdir(REPO)  # the tiny overlay names the fixture relative to the repository
+    common = ["--trainer.enable_progress_bar", "false"]
+    main(["fit", "--config", "configs/aurola_text.yaml", "--config", "configs/tiny/aurola_text.yaml", *common,
+          "--trainer.default_root_dir", str(tmp_path / "text")])
+    ckpt = next((tmp_path / "text").rglob("last.ckpt"))
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    lora_a = [k for k in saved["state_dict"] if ".lora_A." in k]
+    assert lora_a and all(saved["state_dict"][k].shape[0] == 64 for k in lora_a)
+    assert set(saved["lora_scaling"].values()) == {2.0}  # alpha 128 / r 64
+    main(["fit", "--config", "configs/aurola.yaml", "--config", "configs/tiny/aurola.yaml", *common,
+          "--data.init_args.root", str(tmp_path / "synthetic"), "--data.init_args.num_train", "8",
+          "--data.init_args.num_val", "8", "--data.init_args.num_test", "8", "--trainer.fast_dev_run", "1",
+          "--trainer.default_root_dir", str(tmp_path / "audio"), "--test_after_fit", "false",
+          "--model.init_from", str(ckpt), "--model.init_merge_lora", "true"])
