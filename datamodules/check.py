@@ -184,7 +184,9 @@ def check_manifest(
     result.rows = len(records) + len(result.problems)
     kept, durations = screen_audio(records, result.problems)
     result.problems.sort(key=_row_number)  # row problems, then header problems -> manifest order
-    result.short_clips = [(r.source, r.audio_path, d) for r, d in zip(kept, durations) if d < SHORT_CLIP_SECONDS]
+    result.short_clips = [
+        (r.source, r.audio_path, d) for r, d in zip(kept, durations) if d < SHORT_CLIP_SECONDS and not r.is_text_pair
+    ]
     if text_limit is not None and text_limit.tokenizer is not None:
         result.long_texts = long_texts(kept, text_limit)
     return result

@@ -194,3 +194,14 @@ def test_text_stage_hands_over_to_the_audio_stage(tmp_path, monkeypatch):
           "--data.init_args.num_val", "8", "--data.init_args.num_test", "8", "--trainer.fast_dev_run", "1",
           "--trainer.default_root_dir", str(tmp_path / "audio"), "--test_after_fit", "false",
           "--model.init_from", str(ckpt), "--model.init_merge_lora", "true"])
+
+
+def test_check_data_reads_the_nli_csv_without_short_clip_warnings(capsys):
+    from datamodules.check import main as check_data
+
+    status = check_data(["--config", str(REPO / "configs/aurola_text.yaml"), "--config",
+                         str(REPO / "configs/tiny/aurola_text.yaml"),
+                         "--data.init_args.train_manifest", str(REPO / "tests/fixtures/nli_tiny.csv")])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "16" in out and "short_clip" not in out
