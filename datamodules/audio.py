@@ -28,7 +28,7 @@ from datamodules.bad_samples import (
     UNSUPPORTED_FORMAT,
 )
 
-__all__ = ["AudioDecodeError", "AudioPolicy", "audio_duration", "load_audio"]
+__all__ = ["AudioDecodeError", "AudioPolicy", "audio_duration", "decode_all", "load_audio"]
 
 #: errors soundfile raises for files it cannot open or decode.
 _SOUNDFILE_ERRORS = (sf.SoundFileError, RuntimeError, TypeError)
@@ -233,3 +233,31 @@ class AudioPolicy:
         """
         start, count = self.window(len(wave), sampling_rate, sampling_rate, train, rng)
         return self.fit(wave[start : start + count], sampling_rate)
+
+
+def decode_all(path: str, block_frames: int = 1 << 20) -> float:
+    """Decode every sample of an audio file, block by block (memory of one block), and return its
+    duration in seconds: what ``check-data --decode`` runs on each clip.
+
+    Finds what a header scan cannot: samples that fail to decode (a truncated FLAC), fewer samples
+    than the header announces (a truncated WAV), NaN or infinite samples.
+
+    Raises:
+        AudioDecodeError: as :func:`load_audio`; ``no_samples`` when nothing decodes.
+    """
+    with _open(path) as handle:
+        announced, rate, decoded = handle.frames, handle.samplerate, 0
+        try:
+            for block in handle.blocks(blocksize=block_frames, dtype="float32", always_2d=True):
+                if not np.isfinite(block).all():
+                    raise AudioDecodeError(f"audio file holds NaN or infinite samples: {path}", NON_FINITE, path)
+                decoded += len(block)
+        except _SOUNDFILE_ERRORS as err:
+            raise AudioDecodeError(f"cannot decode audio file {path}: {_message(err)}", DECODE_ERROR, path) from err
+    if decoded == 0:
+        raise AudioDecodeError(f"audio file has no samples: {path}", NO_SAMPLES, path)
+    if decoded < announced:
+        raise AudioDecodeError(
+            f"cannot decode audio file {path}: the header announces {announced} frames, {decoded} decode", DECODE_ERROR, path
+        )
+    return decoded / rate

@@ -10,8 +10,13 @@ Exit status 1 when anything is wrong, else 0; warnings do not count.
 
 Only the data module is built, from the ``data`` sections of the configs (merged in order, like
 the training CLI; short class names such as ``SyntheticDataModule`` work), so a 7B recipe is
-checked without loading its model. Samples are not decoded: truncated or non-finite audio only
-shows when a clip is loaded. Texts are counted with the backbone's tokenizer, loaded with
+checked without loading its model. Samples are not decoded unless ``--decode`` is given: then
+every clip that passed the header scan is decoded in full by ``--workers`` processes (with a
+progress bar), which finds truncated audio (``decode_error``), NaN or infinite samples
+(``non_finite``) and clips that decode to nothing (``no_samples``), reported like the other
+problems. ``--write_clean OUT.jsonl`` writes the rows that passed every check as a JSONL manifest
+(absolute audio paths; one file per manifest, ``OUT.<split>.jsonl``, when the config has several);
+the original manifests are never touched. Texts are counted with the backbone's tokenizer, loaded with
 ``AutoTokenizer.from_pretrained`` from the ``model.backbone`` section's ``name_or_path`` or from
 ``--tokenizer``, from files already on the machine (nothing is downloaded); a tiny backbone has no
 tokenizer files, so without ``--tokenizer`` its texts are not counted (the report says so).
@@ -21,12 +26,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 from jsonargparse import ArgumentParser
 
+from datamodules.audio import AudioDecodeError, decode_all
 from datamodules.bad_samples import SHORT_CLIP_SECONDS, SkippedSample, count_reasons, format_counts
 from datamodules.datamodule import RetrievalDataModule
 from datamodules.datasets import qa_query_text
@@ -67,6 +76,8 @@ class SplitCheck:
     short_clips: list[tuple[str, str, float]] = field(default_factory=list)
     long_texts: list[tuple[str, str, int]] = field(default_factory=list)
     failure: str | None = None
+    #: the rows that passed every check run, in manifest order.
+    clean: list[ClipRecord] = field(default_factory=list)
 
     @property
     def ok(self) -> int:
@@ -170,11 +181,41 @@ def _manifests(datamodule: RetrievalDataModule) -> list[tuple[str, str, str | No
     return found
 
 
+def _decode_one(path: str) -> tuple[str, str] | None:
+    """``(reason, message)`` of a clip that fails to decode in full, ``None`` for a good one."""
+    try:
+        decode_all(path)
+    except AudioDecodeError as err:
+        return err.reason, str(err)
+    return None
+
+
+def decode_records(records: list[ClipRecord], workers: int = 1, progress: bool = True) -> list[SkippedSample]:
+    """Decode every clip of ``records`` in full with ``workers`` processes; the failures, in order."""
+    paths = [record.audio_path for record in records]
+    from tqdm import tqdm
+
+    bar = dict(total=len(paths), desc="decoding", unit="clip", disable=not progress, file=sys.stderr)
+    if workers <= 1:
+        outcomes = list(tqdm(map(_decode_one, paths), **bar))
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            chunk = max(1, min(64, len(paths) // (4 * workers)))
+            outcomes = list(tqdm(pool.map(_decode_one, paths, chunksize=chunk), **bar))
+    return [
+        SkippedSample(outcome[0], record.source, record.audio_path, f"{record.source}: {outcome[1]}")
+        for record, outcome in zip(records, outcomes)
+        if outcome is not None
+    ]
+
+
 def check_manifest(
-    split: str, manifest: str, audio_dir: str | None = None, text_limit: TextLimit | None = None
+    split: str, manifest: str, audio_dir: str | None = None, text_limit: TextLimit | None = None,
+    decode: bool = False, workers: int = 1, progress: bool = True,
 ) -> SplitCheck:
     """Scan one manifest and its audio headers, collecting every problem instead of stopping; with a
-    ``text_limit`` holding a tokenizer, also its texts' lengths."""
+    ``text_limit`` holding a tokenizer, also its texts' lengths; with ``decode``, every sample of the
+    clips whose header passed (``workers`` processes)."""
     result = SplitCheck(split, manifest)
     try:
         records = read_manifest(manifest, audio_dir, result.problems)
@@ -189,7 +230,42 @@ def check_manifest(
     ]
     if text_limit is not None and text_limit.tokenizer is not None:
         result.long_texts = long_texts(kept, text_limit)
+    result.clean = kept
+    if decode:
+        failed = decode_records([r for r in kept if not r.is_text_pair], workers, progress)
+        result.problems += failed
+        result.problems.sort(key=_row_number)
+        bad = {problem.source for problem in failed}
+        result.clean = [record for record in kept if record.source not in bad]
     return result
+
+
+def clean_row(record: ClipRecord) -> dict[str, Any]:
+    """A record as a JSONL manifest row that :func:`~datamodules.manifest.read_jsonl` reads back to it."""
+    if record.is_text_pair:
+        row = {"id": record.id, "query_text": record.extra["query_text"], "document_text": record.captions[0]}
+        if "hard_negatives" in record.extra:
+            row["hard_negatives"] = record.extra["hard_negatives"]
+        return row
+    row = {"id": record.id, "audio": os.path.abspath(record.audio_path)}
+    if record.captions:
+        row["caption"] = record.captions
+    row.update(record.extra)
+    return row
+
+
+def write_clean(checks: list[SplitCheck], output: str) -> list[str]:
+    """Write each readable manifest's clean rows as JSONL (see the module docstring); the files written."""
+    readable = [check for check in checks if check.failure is None]
+    stem = output.removesuffix(".jsonl")
+    written = []
+    for check in readable:
+        path = output if len(readable) == 1 else f"{stem}.{check.split.replace('/', '-')}.jsonl"
+        with open(path, "w", encoding="utf-8") as handle:
+            for record in check.clean:
+                handle.write(json.dumps(clean_row(record), ensure_ascii=False) + "\n")
+        written.append(path)
+    return written
 
 
 def _row_number(problem: SkippedSample) -> int:
@@ -251,6 +327,9 @@ def main(args: list[str] | None = None) -> int:
         help="tokenizer (directory or hub id) that counts the texts against the backbone's max_text_tokens; "
         "default: the backbone's name_or_path",
     )
+    parser.add_argument("--decode", action="store_true", help="decode every clip in full (finds truncated and NaN audio)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
+    parser.add_argument("--write_clean", metavar="OUT.jsonl", help="write the rows that passed as a JSONL manifest")
     parser.epilog = "Any --data.* setting of fit (e.g. --data.init_args.train_manifest x.jsonl) overrides the configs."
     options, rest = parser.parse_known_args(args)
     unknown = [arg for arg in rest if arg.startswith("--") and not arg.startswith("--data.")]
@@ -265,6 +344,10 @@ def main(args: list[str] | None = None) -> int:
             print(f"{split}: same manifest as {seen[manifest, audio_dir]} ({manifest})")
             continue
         seen[manifest, audio_dir] = split
-        checks.append(check_manifest(split, manifest, audio_dir, text_limit))
+        checks.append(check_manifest(split, manifest, audio_dir, text_limit, options.decode, options.workers,
+                                     progress=True))
     print(format_report(checks, options.max_problems, text_limit))
+    if options.write_clean:
+        for path in write_clean(checks, options.write_clean):
+            print(f"clean manifest: {path}")
     return int(any(check.problems or check.failure is not None for check in checks))
