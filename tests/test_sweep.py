@@ -8,7 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
+
+from datamodules import RetrievalDataModule
 
 from lightning_modules.tools.sweep import (
     MAIN,
@@ -245,3 +248,26 @@ def test_sweep_records_ok_and_failed_variants_and_resumes(tmp_path, capsys):
     assert (output / "tau=ok" / "sweep_result.json").read_text() == ok_record
     assert [r["status"] for r in again] == ["ok", "failed"]
     assert again[0] == ok
+
+
+def _demo_weights(tmp_path, seed_args):
+    from lightning_modules import EmbeddingModule
+    from main import EmbeddingCLI
+
+    cli = EmbeddingCLI(EmbeddingModule, RetrievalDataModule, subclass_mode_data=True, run=False,
+                       args=["--config", DEMO, "--data.init_args.root", str(tmp_path), *seed_args])  # fmt: skip
+    return {name: p.detach().clone() for name, p in cli.model.named_parameters()}
+
+
+def test_a_run_seed_changes_the_demo_model_and_a_pinned_tiny_seed_does_not(tmp_path):
+    # sweep --seeds varies only --seed_everything: the demo's tiny model must follow it (its weights were
+    # once pinned by the backbone's own seed, so every seed of a variant gave the same result)
+    runs = [_demo_weights(tmp_path, [f"--seed_everything={s}"]) for s in (0, 0, 1)]
+    assert runs[0].keys() == runs[2].keys()
+    assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
+    matrices = [n for n, p in runs[0].items() if p.ndim >= 2]
+    changed = [n for n in matrices if not torch.equal(runs[0][n], runs[2][n])]
+    assert len(changed) == len(matrices), "every weight matrix of the tiny model depends on the run's seed"
+    pinned = [_demo_weights(tmp_path, [f"--seed_everything={s}", "--model.backbone.init_args.seed=3"]) for s in (0, 1)]
+    assert all(torch.equal(pinned[0][n], pinned[1][n]) for n in pinned[0])
+    assert not torch.equal(pinned[0][changed[0]], runs[0][changed[0]])

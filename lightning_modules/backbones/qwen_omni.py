@@ -244,14 +244,20 @@ def tiny_thinker_config(
 
 
 def tiny_components(
-    seed: int = 0, width: int = 32, lm_head: bool = False
+    seed: int | None = 0, width: int = 32, lm_head: bool = False
 ) -> tuple[Qwen2_5OmniThinkerModel | Qwen2_5OmniThinkerForConditionalGeneration, PreTrainedTokenizerBase,
            WhisperFeatureExtractor]:
     """Tiny random thinker (with its LM head: ``...ForConditionalGeneration``), offline tokenizer and
-    20-bin Whisper feature extractor."""
+    20-bin Whisper feature extractor.
+
+    An integer ``seed`` re-seeds the global RNG first, so the model and whatever the caller builds
+    after it (heads, LoRA adapters) are the same for the same seed; ``None`` draws the weights from the
+    global RNG as it stands (fixed by ``seed_everything``), so a run's seed varies the model too.
+    """
     tokenizer = build_offline_tokenizer(QWEN_SPECIAL_TOKENS, pad_token="<|endoftext|>", eos_token="<|im_end|>")
     feature_extractor = WhisperFeatureExtractor(feature_size=20, sampling_rate=16000, hop_length=160, n_fft=400)
-    torch.manual_seed(seed)
+    if seed is not None:
+        torch.manual_seed(seed)
     cls = Qwen2_5OmniThinkerForConditionalGeneration if lm_head else Qwen2_5OmniThinkerModel
     model = cls(tiny_thinker_config(tokenizer, feature_extractor.feature_size, width))
     return model, tokenizer, feature_extractor
@@ -314,7 +320,10 @@ class QwenOmniThinker(Backbone):
         lora: LoRA adapters on the language model (its base weights are then frozen); with
             ``lora.quantize_4bit`` the language model's linear layers are NF4 (QLoRA).
         freeze_audio_encoder: freeze the audio tower and keep it in eval mode.
-        seed: random seed of the tiny model's initialisation.
+        seed: random seed of the tiny model's initialisation; it re-seeds the global RNG, so the
+            head and LoRA initialisation built after the backbone follow it too. ``null``: the tiny
+            model is drawn from the run's RNG as ``seed_everything`` left it, so runs under different
+            ``seed_everything`` values (``sweep --seeds``) start from different models.
         tiny_width: hidden width of the tiny model's audio tower and language model.
         lm_head: keep the thinker's LM head (frozen), exposed as :attr:`output_head`, for scoring
             answer tokens (the re-ranker).
@@ -339,7 +348,7 @@ class QwenOmniThinker(Backbone):
         gradient_checkpointing: bool = False,
         lora: LoraSettings | None = None,
         freeze_audio_encoder: bool = False,
-        seed: int = 0,
+        seed: int | None = 0,
         tiny_width: int = 32,
         lm_head: bool = False,
         max_text_tokens: int | None = DEFAULT_MAX_TEXT_TOKENS,

@@ -29,10 +29,12 @@ whose record says ``ok`` and whose command has not changed; every other variant 
 interrupted, or with changed settings) is run again from an empty directory.
 
 On a small model a difference of a point or two between variants is often noise. ``--seeds N``
-runs every variant N times, with ``--seed_everything`` 0 … N-1 (weight initialisation and dropout;
-the data module's own ``seed``, which fixes the data order and, for the synthetic demo, the data,
-stays the recipe's), each in ``<output>/<variant>/seed=<i>``, and the table shows the mean ± the
-sample standard deviation over the finished seeds.
+runs every variant N times, with ``--seed_everything`` 0 … N-1, each in
+``<output>/<variant>/seed=<i>``, and the table shows the mean ± the sample standard deviation over
+the finished seeds. The global seed fixes the initialisation of heads and LoRA adapters, dropout,
+and a tiny backbone's weights where its ``seed`` is ``null`` (as in ``configs/demo.yaml``; an
+integer ``seed`` pins them, and then the runs of a variant are identical). The data module's own
+``seed`` (the data order and, for the synthetic demo, the data itself) stays the recipe's.
 """
 
 from __future__ import annotations
