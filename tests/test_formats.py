@@ -13,13 +13,12 @@ import json
 import os
 import shutil
 
-import numpy as np
 import pytest
 import soundfile as sf
 import torch
 import yaml
 
-from datamodules.formats import ManifestSpec, as_spec, read_spec
+from datamodules.formats import ManifestSpec
 from datamodules.manifest import ManifestError, read_jsonl, read_manifest
 from datamodules.synthetic import make_synthetic_dataset
 
@@ -560,3 +559,12 @@ def test_check_data_reads_every_format_and_names_bad_rows(written, tmp_path, cap
                        "--data.init_args.val_sets", "null"]) == 1  # fmt: skip
     out = capsys.readouterr().out
     assert f"{broken}:{len(lines) + 1}  missing_file" in out
+
+
+def test_without_pyarrow_the_error_names_the_extra(written, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # what an environment without pyarrow imports
+    with pytest.raises(ImportError, match=r"needs pyarrow: pip install 'alm-embed\[hf\]'"):
+        read_manifest(written["hf"][0])
+    assert summary(read_manifest(written["clotho"][0])) == written["clotho"][1]  # the other formats need none
