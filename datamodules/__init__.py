@@ -7,6 +7,7 @@ from datamodules.inputs import Collator, EmbedInput
 from datamodules.bucketing import DurationBatchSampler, manifest_durations
 from datamodules.datamodule import RetrievalDataModule
 from datamodules.datasets import EpochSampler, EvalDataset, PairDataset
+from datamodules.formats import ManifestSpec
 from datamodules.manifest import ClipRecord, ManifestError, read_json_list, read_jsonl, read_manifest, screen_audio
 from datamodules.rerank import RerankCollator, RerankPairDataset, RerankPrompts
 from datamodules.synthetic import SyntheticDataModule, make_synthetic_dataset
@@ -21,6 +22,7 @@ __all__ = [
     "EpochSampler",
     "EvalDataset",
     "ManifestError",
+    "ManifestSpec",
     "PairCollator",
     "PairDataset",
     "REASONS",

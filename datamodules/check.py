@@ -39,6 +39,7 @@ from datamodules.audio import AudioDecodeError, decode_all
 from datamodules.bad_samples import SHORT_CLIP_SECONDS, SkippedSample, count_reasons, format_counts
 from datamodules.datamodule import RetrievalDataModule
 from datamodules.datasets import qa_query_text
+from datamodules.formats import ManifestSpec
 from datamodules.manifest import ClipRecord, ManifestError, read_manifest, screen_audio
 from datamodules.text_limits import DEFAULT_MAX_TEXT_TOKENS, text_token_counts
 
@@ -168,7 +169,7 @@ def long_texts(records: list[ClipRecord], limit: TextLimit) -> list[tuple[str, s
     return found
 
 
-def _manifests(datamodule: RetrievalDataModule) -> list[tuple[str, str, str | None]]:
+def _manifests(datamodule: RetrievalDataModule) -> list[tuple[str, str | ManifestSpec, str | None]]:
     """``(split, manifest, audio_dir)`` of every manifest the data module would read."""
     found = []
     for split in ("train", "val", "test", "predict"):
@@ -210,13 +211,13 @@ def decode_records(records: list[ClipRecord], workers: int = 1, progress: bool =
 
 
 def check_manifest(
-    split: str, manifest: str, audio_dir: str | None = None, text_limit: TextLimit | None = None,
+    split: str, manifest: str | ManifestSpec, audio_dir: str | None = None, text_limit: TextLimit | None = None,
     decode: bool = False, workers: int = 1, progress: bool = True,
 ) -> SplitCheck:
     """Scan one manifest and its audio headers, collecting every problem instead of stopping; with a
     ``text_limit`` holding a tokenizer, also its texts' lengths; with ``decode``, every sample of the
     clips whose header passed (``workers`` processes)."""
-    result = SplitCheck(split, manifest)
+    result = SplitCheck(split, str(manifest))
     try:
         records = read_manifest(manifest, audio_dir, result.problems)
     except ManifestError as err:
@@ -340,10 +341,11 @@ def main(args: list[str] | None = None) -> int:
     datamodule.prepare_data()  # generated data sets (SyntheticDataModule) write their manifests here
     checks, seen = [], {}
     for split, manifest, audio_dir in _manifests(datamodule):
-        if (manifest, audio_dir) in seen:
-            print(f"{split}: same manifest as {seen[manifest, audio_dir]} ({manifest})")
+        key = (repr(manifest), audio_dir)  # a spec is no dictionary key; its repr names every option
+        if key in seen:
+            print(f"{split}: same manifest as {seen[key]} ({manifest})")
             continue
-        seen[manifest, audio_dir] = split
+        seen[key] = split
         checks.append(check_manifest(split, manifest, audio_dir, text_limit, options.decode, options.workers,
                                      progress=True))
     print(format_report(checks, options.max_problems, text_limit))

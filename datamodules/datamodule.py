@@ -28,6 +28,7 @@ from datamodules.eval_sets import (
     query_type_layout,
     read_hard_negatives,
 )
+from datamodules.formats import ManifestSpec
 from datamodules.hard_negatives import read_mined
 from datamodules.rerank import RerankPairDataset
 from datamodules.manifest import ClipRecord, ManifestError, read_manifest, screen_audio
@@ -43,8 +44,11 @@ _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",
 class RetrievalDataModule(pl.LightningDataModule):
     """Audio–text pairs for training and the 5-caption retrieval protocol for evaluation.
 
-    Manifests are parsed in :meth:`setup` (files ending in ``.jsonl`` are JSONL rows, ``.json`` the
-    AudioCaps/Clotho list format). The sampling rate and the collate function belong to the model
+    Manifests are parsed in :meth:`setup`. Each manifest setting is a path, its format detected
+    (``.jsonl`` rows, a ``.json`` list or WavCaps file, a Clotho / AudioCaps / NLI ``.csv`` by its
+    header, ``.parquet`` / ``.arrow`` files or a Hugging Face dataset folder), or a
+    :class:`~datamodules.formats.ManifestSpec` mapping naming the format and its options (audio
+    folder, AudioCaps file-name template, table columns); see :mod:`datamodules.formats`. The sampling rate and the collate function belong to the model
     and are given explicitly with :meth:`bind` (the CLI binds the model's ``backbone.sampling_rate``
     and ``collate`` once both are built); the data module never reads them off the trainer.
 
@@ -81,7 +85,8 @@ class RetrievalDataModule(pl.LightningDataModule):
     audio–text set (metric keys without a set name, e.g. ``val/t2a/R@1``).
 
     Args:
-        train_manifest: training manifest (``.jsonl`` or ``.json``).
+        train_manifest: training manifest: a path or a ``ManifestSpec`` mapping (``{path, format,
+            audio_dir, file_template, audio_column, caption_columns, id_column, audio_cache_dir}``).
         val_manifest: validation manifest (one unnamed audio–text set); ``None`` skips validation
             unless ``val_sets`` is given.
         test_manifest: test manifest (one unnamed audio–text set).
@@ -90,7 +95,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         test_sets: named test sets; excludes ``test_manifest``.
         predict_manifest: manifest whose clips :meth:`predict_dataloader` embeds (see also
             :meth:`predict_on`, which points predict at another split).
-        audio_dir: audio folder for ``.json`` list manifests (default: the manifest's folder).
+        audio_dir: audio folder of the manifests whose rows name files (JSON list, WavCaps, Clotho,
+            AudioCaps, Hugging Face paths) and whose spec gives none (default: the manifest's folder).
         batch_size: training clips per batch (per device).
         eval_batch_size: clips per evaluation batch; ``None`` uses ``batch_size``.
         num_workers: data-loader worker processes (persistent when > 0).
@@ -132,10 +138,10 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        train_manifest: str | None = None,
-        val_manifest: str | None = None,
-        test_manifest: str | None = None,
-        predict_manifest: str | None = None,
+        train_manifest: str | ManifestSpec | None = None,
+        val_manifest: str | ManifestSpec | None = None,
+        test_manifest: str | ManifestSpec | None = None,
+        predict_manifest: str | ManifestSpec | None = None,
         val_sets: dict[str, EvalSet] | None = None,
         test_sets: dict[str, EvalSet] | None = None,
         audio_dir: str | None = None,
@@ -167,10 +173,10 @@ class RetrievalDataModule(pl.LightningDataModule):
         if bucket_pool_multiplier < 1:
             raise ValueError(f"bucket_pool_multiplier must be >= 1, got {bucket_pool_multiplier}")
         self.manifests = {
-            "train": train_manifest,
-            "val": val_manifest,
-            "test": test_manifest,
-            "predict": predict_manifest,
+            "train": _manifest_setting(train_manifest),
+            "val": _manifest_setting(val_manifest),
+            "test": _manifest_setting(test_manifest),
+            "predict": _manifest_setting(predict_manifest),
         }
         self.named_sets = {"val": dict(val_sets or {}), "test": dict(test_sets or {})}
         for split, sets in self.named_sets.items():
@@ -356,7 +362,7 @@ class RetrievalDataModule(pl.LightningDataModule):
             self.records[split] = records
         return self.records[split]
 
-    def _read(self, key: str, manifest: str, audio_dir: str | None) -> list[ClipRecord]:
+    def _read(self, key: str, manifest: str | ManifestSpec, audio_dir: str | None) -> list[ClipRecord]:
         """Parse a manifest and screen its audio headers under the ``on_bad_sample`` policy."""
         problems: list[SkippedSample] | None = [] if self.on_bad_sample == "skip" else None
         records = read_manifest(manifest, audio_dir, problems)
@@ -527,6 +533,12 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._eval_loader("predict")
+
+
+def _manifest_setting(manifest: str | ManifestSpec | dict | None) -> str | ManifestSpec | None:
+    """A manifest setting as given (a path or a spec); a spec's mapping, as Python callers may pass
+    it, becomes a :class:`~datamodules.formats.ManifestSpec`."""
+    return ManifestSpec(**manifest) if isinstance(manifest, dict) else manifest
 
 
 def _check_set_name(name: str) -> None:

@@ -41,6 +41,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
+from datamodules.formats import ManifestSpec
 from datamodules.manifest import ClipRecord, ManifestError, open_manifest
 
 __all__ = [
@@ -75,9 +76,12 @@ class EvalSet:
     """One evaluation benchmark.
 
     Args:
-        manifest: JSONL rows or an AudioCaps/Clotho ``.json`` list (see :mod:`datamodules.manifest`).
+        manifest: a path (JSONL rows, a ``.json`` list or WavCaps file, a Clotho or AudioCaps CSV, a
+            Hugging Face dataset; format detected) or a ``ManifestSpec`` mapping (see
+            :mod:`datamodules.formats`).
         task: ``audio_text``, ``speech_text`` or ``qa`` (see the module docstring).
-        audio_dir: audio folder of a ``.json`` list manifest (default: the data module's ``audio_dir``).
+        audio_dir: audio folder of a manifest whose rows name files, when its spec gives none
+            (default: the data module's ``audio_dir``).
         text_field: field holding each clip's texts for the retrieval tasks: ``caption`` (default), or
             e.g. ``question`` for speech clips stored as QA rows.
         hard_negatives: JSONL file of ``{"query", "target", "negative"}`` triples (audio_text and
@@ -93,7 +97,7 @@ class EvalSet:
             normalised again (the prompt ensembling of CLIP and CLAP).
     """
 
-    manifest: str
+    manifest: str | ManifestSpec
     task: Literal["audio_text", "speech_text", "qa", "classification"] = "audio_text"
     audio_dir: str | None = None
     text_field: str = "caption"
@@ -105,6 +109,8 @@ class EvalSet:
     templates: list[str] = field(default_factory=lambda: [DEFAULT_TEMPLATE])
 
     def __post_init__(self) -> None:
+        if isinstance(self.manifest, dict):
+            self.manifest = ManifestSpec(**self.manifest)
         if self.task not in TASKS:
             raise ValueError(f"unknown evaluation task {self.task!r} ({', '.join(TASKS)})")
         if self.task in ("qa", "classification") and (self.hard_negatives or self.text_text):

@@ -41,10 +41,14 @@ and ``document_text`` (optional ``hard_negatives``, a list of texts; optional ``
 
     {"query_text": "A man plays a guitar.", "document_text": "Someone makes music.", "hard_negatives": ["Nobody plays."]}
 
-or the SimCSE NLI CSV (``nli_for_simcse.csv``) read directly: columns ``sent0`` (query), ``sent1``
-(document) and optionally ``hard_neg`` (one hard negative; empty cells give none). Their records
+or the SimCSE NLI CSV (``nli_for_simcse.csv``, read by :mod:`datamodules.formats`). Their records
 have ``audio_path = ""``, ``captions = [document_text]`` and ``query_text`` / ``hard_negatives`` in
 :attr:`ClipRecord.extra`; the header scan passes them without reading anything.
+
+The annotation files of the public corpora (Clotho and AudioCaps CSVs, WavCaps JSON, Hugging Face
+datasets) and the NLI CSV are read by :mod:`datamodules.formats` into the same records, with the
+same error and skip rules; :func:`read_manifest` takes a path (format detected) or a
+:class:`~datamodules.formats.ManifestSpec`.
 
 Manifests are UTF-8, with or without the byte-order mark that Windows tools and spreadsheets write
 at the start of a file: every manifest reader opens its file with :func:`open_manifest`, which drops
@@ -53,12 +57,11 @@ a leading BOM (a BOM anywhere else is still an error of its row).
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from datamodules.audio import AudioDecodeError, audio_duration
 from datamodules.bad_samples import (
@@ -68,17 +71,20 @@ from datamodules.bad_samples import (
     MISSING_FIELD,
     MISSING_FILE,
     NOT_AN_OBJECT,
-    UNSUPPORTED_FORMAT,
     WRONG_TYPE,
     SkippedSample,
 )
+
+if TYPE_CHECKING:
+    from datamodules.formats import ManifestSpec
 
 __all__ = [
     "AUDIO_EXTENSIONS",
     "ClipRecord",
     "ManifestError",
+    "json_list_records",
+    "load_json",
     "open_manifest",
-    "read_csv",
     "read_json_list",
     "read_jsonl",
     "read_manifest",
@@ -328,17 +334,35 @@ def _resolve_audio(audio_dir: str, name: str) -> str | None:
     return None
 
 
+def _find_audio(audio_dir: str, names: list[str], where: str) -> str:
+    """The first of ``names`` that is a file in ``audio_dir`` (or absolute), each as written or with
+    one of :data:`AUDIO_EXTENSIONS` added; a ``missing_file`` error listing every name tried."""
+    for name in names:
+        found = _resolve_audio(audio_dir, name)
+        if found is not None:
+            return found
+    tried = ", ".join(n + ext for n in names for ext in ("", *AUDIO_EXTENSIONS))
+    raise _error(
+        where, f"audio file not found in {audio_dir} (tried {tried})", MISSING_FILE, os.path.join(audio_dir, names[0])
+    )
+
+
 def _list_entry(row: Any, where: str, audio_dir: str) -> ClipRecord:
     if not isinstance(row, dict):
         raise _error(where, f"an entry must be a JSON object, got {type(row).__name__}", NOT_AN_OBJECT)
     name = _named_value(row.get("video_id", row.get("id")), where, "'video_id' or 'id' (name of the audio file)")
-    audio_path = _resolve_audio(audio_dir, name)
-    if audio_path is None:
-        tried = ", ".join([name] + [name + ext for ext in AUDIO_EXTENSIONS])
-        raise _error(
-            where, f"audio file not found in {audio_dir} (tried {tried})", MISSING_FILE, os.path.join(audio_dir, name)
-        )
+    audio_path = _find_audio(audio_dir, [name], where)
     return _record(row, audio_path, name, where, skip=("video_id", "id", "caption"))
+
+
+def load_json(path: str) -> Any:
+    """A whole-file JSON manifest, parsed; invalid JSON raises a :class:`ManifestError` naming the line."""
+    with open_manifest(path) as handle:
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as err:
+            where = f"{path}:{err.lineno}"
+            raise _error(where, f"invalid JSON ({err.msg} at column {err.colno})", INVALID_JSON) from err
 
 
 def read_json_list(
@@ -355,13 +379,14 @@ def read_json_list(
         ManifestError: on a file that is not a JSON list; on a bad entry (unless ``problems`` is
             given), the message giving ``path:entry N`` (N is the 0-based list index).
     """
+    return json_list_records(path, load_json(path), audio_dir, problems)
+
+
+def json_list_records(
+    path: str, data: Any, audio_dir: str | None = None, problems: list[SkippedSample] | None = None
+) -> list[ClipRecord]:
+    """The records of an already parsed JSON list manifest (see :func:`read_json_list`)."""
     audio_dir = audio_dir if audio_dir is not None else os.path.dirname(os.path.abspath(path))
-    with open_manifest(path) as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as err:
-            where = f"{path}:{err.lineno}"
-            raise _error(where, f"invalid JSON ({err.msg} at column {err.colno})", INVALID_JSON) from err
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -373,67 +398,27 @@ def read_json_list(
     return records
 
 
-#: columns of the SimCSE NLI CSV: query, document, optional hard negative.
-NLI_COLUMNS = ("sent0", "sent1", "hard_neg")
-
-
-def read_csv(path: str, problems: list[SkippedSample] | None = None) -> list[ClipRecord]:
-    """Parse a CSV manifest; the SimCSE NLI layout (``sent0, sent1[, hard_neg]``) gives text pairs.
-
-    Rows are named ``path:line`` by the line they start on; a row's id is that name.
-
-    Raises:
-        ManifestError: a header of another layout; a bad row (unless ``problems`` is given).
-    """
-    records: list[ClipRecord] = []
-    seen: dict[str, str] = {}
-    with open_manifest(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        if not {"sent0", "sent1"} <= set(columns):
-            raise ManifestError(
-                f"{path}: unknown CSV layout (columns {columns}); expected the SimCSE NLI columns "
-                f"{', '.join(NLI_COLUMNS)} (hard_neg optional)",
-                UNSUPPORTED_FORMAT,
-                path,
-            )
-        line = reader.line_num + 1
-        for row in reader:
-            where = f"{path}:{line}"
-            line = reader.line_num + 1
-            negative = (row.get("hard_neg") or "").strip()
-            _keep(records, seen, problems, _text_pair, row["sent0"], row["sent1"], [negative] if negative else None,
-                  where, where)
-    return records
-
-
 def read_manifest(
-    path: str, audio_dir: str | None = None, problems: list[SkippedSample] | None = None
+    manifest: str | ManifestSpec, audio_dir: str | None = None, problems: list[SkippedSample] | None = None
 ) -> list[ClipRecord]:
-    """Parse a manifest, choosing the format by extension: ``.jsonl`` rows or a ``.json`` list.
+    """Parse a manifest in any format :mod:`datamodules.formats` reads.
 
     Args:
-        path: the manifest file.
-        audio_dir: audio folder for the JSON list format (ignored for JSONL, whose paths are
-            relative to the manifest).
+        manifest: a path, its format detected (``.jsonl`` rows, a ``.json`` list or WavCaps file, a
+            ``.csv`` by its header, ``.parquet`` / ``.arrow`` files or a dataset folder), or a
+            :class:`~datamodules.formats.ManifestSpec` naming the format and its options.
+        audio_dir: audio folder of the formats that name files (JSON list, WavCaps, Clotho,
+            AudioCaps) when the spec gives none; JSONL paths are relative to the manifest.
         problems: when given, bad rows are appended here (with their reason) and left out instead
             of raising; the good rows keep their order.
 
     Raises:
-        ManifestError: unknown extension, missing manifest, a file that does not parse as a whole,
+        ManifestError: unknown format, missing manifest, a file that does not parse as a whole,
             or (unless ``problems`` is given) a bad row.
     """
-    if not os.path.isfile(path):
-        raise ManifestError(f"manifest not found: {path}", MISSING_FILE, path)
-    if path.endswith(".jsonl"):
-        return read_jsonl(path, problems)
-    if path.endswith(".json"):
-        return read_json_list(path, audio_dir, problems)
-    if path.endswith(".csv"):
-        return read_csv(path, problems)
-    raise ManifestError(
-        f"{path}: unknown manifest format (expected .jsonl rows, a .json list or a .csv)", UNSUPPORTED_FORMAT, path
-    )
+    from datamodules.formats import as_spec, read_spec  # formats builds on this module
+
+    return read_spec(as_spec(manifest, audio_dir), problems)
 
 
 def screen_audio(

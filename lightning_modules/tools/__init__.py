@@ -10,8 +10,8 @@ The tools' library code lives beside them: :mod:`~lightning_modules.tools.export
 :mod:`~lightning_modules.tools.search` (exact top-k), :mod:`~lightning_modules.tools.sweep`,
 :mod:`~lightning_modules.tools.serve` (the demo page; FastAPI is the optional extra ``serve``),
 :mod:`~lightning_modules.tools.mine` (hard negatives for the re-ranker).
-``check-data`` only needs the data layer, so its scan stays in :mod:`datamodules.check` and is
-registered here.
+``check-data`` and ``convert`` only need the data layer, so they stay in :mod:`datamodules.check`
+and :mod:`datamodules.convert` and are registered here.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class Tool:
 
 TOOLS: dict[str, Tool] = {
     "check-data": Tool("datamodules.check:main", "scan a config's manifests and audio headers for bad samples"),
+    "convert": Tool("datamodules.convert:main", "write a Clotho/AudioCaps/WavCaps/HF/NLI manifest as JSONL"),
     "export": Tool("lightning_modules.tools.export:main", "write a checkpoint as a self-contained model directory"),
     "mine": Tool("lightning_modules.tools.mine:main", "mine hard negatives per clip with an embedding model (re-ranker data)"),
     "search": Tool("lightning_modules.tools.search:main", "exact top-k search between two embeddings files"),
