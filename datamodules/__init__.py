@@ -10,6 +10,7 @@ from datamodules.datasets import EpochSampler, EvalDataset, PairDataset
 from datamodules.formats import ManifestSpec
 from datamodules.manifest import ClipRecord, ManifestError, read_json_list, read_jsonl, read_manifest, screen_audio
 from datamodules.rerank import RerankCollator, RerankPairDataset, RerankPrompts
+from datamodules.shards import WebDatasetDataModule
 from datamodules.synthetic import SyntheticDataModule, make_synthetic_dataset
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "RetrievalDataModule",
     "SkippedSample",
     "SyntheticDataModule",
+    "WebDatasetDataModule",
     "audio_duration",
     "load_audio",
     "make_synthetic_dataset",

@@ -5,12 +5,15 @@ libsndfile 1.1 on, MP3. Resampling uses ``soxr``. Nothing here depends on torcha
 
 With an :class:`AudioPolicy`, :func:`load_audio` decodes only the window the policy keeps: it
 seeks to the crop's first frame and reads the window's frames, so a 2-hour clip cropped to 10 s
-costs 10 s of decoding and memory. Every failure is an :class:`AudioDecodeError` whose ``reason``
+costs 10 s of decoding and memory. Audio that is not a file on disk (a member of a WebDataset tar)
+is decoded from its bytes: give them as ``data`` and a ``path`` that names them in messages (its
+extension still tells an unsupported format from a corrupt one). Every failure is an :class:`AudioDecodeError` whose ``reason``
 is one of :data:`datamodules.bad_samples.AUDIO_REASONS` (or ``missing_file``).
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
 
@@ -73,14 +76,15 @@ def _header_reason(path: str, err: Exception) -> str:
     return UNREADABLE_HEADER
 
 
-def _open(path: str) -> sf.SoundFile:
-    """Open an audio file and check its header announces samples; the caller closes it."""
-    if not os.path.isfile(path):
+def _open(path: str, data: bytes | None = None) -> sf.SoundFile:
+    """Open an audio file, or the audio ``data`` that ``path`` names, and check its header announces
+    samples; the caller closes it."""
+    if data is None and not os.path.isfile(path):
         raise AudioDecodeError(f"audio file not found: {path}", MISSING_FILE, path)
-    if os.path.getsize(path) == 0:
+    if (len(data) if data is not None else os.path.getsize(path)) == 0:
         raise AudioDecodeError(f"audio file is empty (0 bytes): {path}", EMPTY_FILE, path)
     try:
-        handle = sf.SoundFile(path)
+        handle = sf.SoundFile(path if data is None else io.BytesIO(data))
     except _SOUNDFILE_ERRORS as err:
         reason = _header_reason(path, err)
         raise AudioDecodeError(f"cannot read audio header of {path}: {_message(err)}", reason, path) from err
@@ -96,6 +100,7 @@ def load_audio(
     policy: AudioPolicy | None = None,
     train: bool = False,
     rng: np.random.Generator | None = None,
+    data: bytes | None = None,
 ) -> np.ndarray:
     """Decode an audio file to a mono float32 waveform at ``sampling_rate``.
 
@@ -111,6 +116,7 @@ def load_audio(
         policy: crop/pad rule; ``None`` decodes the whole file.
         train: random window (``True``) or the head of the clip (``False``).
         rng: source of the random window's offset; required when ``train`` and the clip is cropped.
+        data: the file's bytes, when it is not on disk (e.g. a tar member); ``path`` then only names it.
 
     Returns:
         A 1-D float32 array.
@@ -120,7 +126,7 @@ def load_audio(
             samples, its format is unsupported, its samples cannot be decoded (e.g. it is
             truncated) or are not finite; ``reason`` says which.
     """
-    with _open(path) as handle:
+    with _open(path, data) as handle:
         file_rate, frames = handle.samplerate, handle.frames
         start, count = (0, frames) if policy is None else policy.window(frames, file_rate, sampling_rate, train, rng)
         try:
@@ -138,14 +144,15 @@ def load_audio(
     return mono if policy is None else policy.fit(mono, sampling_rate)
 
 
-def audio_duration(path: str) -> float:
-    """Duration of an audio file in seconds, read from its header without decoding the samples.
+def audio_duration(path: str, data: bytes | None = None) -> float:
+    """Duration of an audio file (or of its bytes ``data``, named by ``path``) in seconds, read from
+    its header without decoding the samples.
 
     Raises:
         AudioDecodeError: the file is missing or empty, its header cannot be read or announces no
             samples, or its format is unsupported; ``reason`` says which.
     """
-    with _open(path) as handle:
+    with _open(path, data) as handle:
         return handle.frames / handle.samplerate
 
 

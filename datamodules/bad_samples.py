@@ -33,6 +33,15 @@ Audio files (headers are read when the data module sets up; the rest when a clip
 - ``decode_error``: the samples cannot be decoded, e.g. a truncated FLAC.
 - ``non_finite``: the decoded samples hold NaN or infinity.
 
+WebDataset shards (see :mod:`datamodules.shards`; a sample's JSON member is checked like a manifest
+row, its audio member like an audio file):
+
+- ``missing_member``: a sample (the tar members sharing one key) has no audio member or no ``.json``
+  member, or a member name has no extension.
+- ``unreadable_shard``: the tar cannot be opened or read (missing, not a tar, truncated); under
+  ``skip`` each sample of the shard that could not be read counts once (when the shard's count comes
+  from a scan instead of an index, the scan stops at the failure and it counts once).
+
 Not bad: an all-silent clip and a very short clip (even a few milliseconds) are valid audio. Short
 clips are zero-padded by the backbone's collator to the length its audio encoder needs;
 ``python main.py check-data`` lists clips under :data:`SHORT_CLIP_SECONDS` as warnings. Nor a very
@@ -51,6 +60,7 @@ __all__ = [
     "AUDIO_REASONS",
     "MANIFEST_REASONS",
     "REASONS",
+    "SHARD_REASONS",
     "SHORT_CLIP_SECONDS",
     "BadSamplePolicy",
     "SkippedSample",
@@ -74,13 +84,17 @@ UNSUPPORTED_FORMAT = "unsupported_format"
 NO_SAMPLES = "no_samples"
 DECODE_ERROR = "decode_error"
 NON_FINITE = "non_finite"
+MISSING_MEMBER = "missing_member"
+UNREADABLE_SHARD = "unreadable_shard"
 
 #: reasons a manifest row is rejected for.
 MANIFEST_REASONS = (INVALID_JSON, NOT_AN_OBJECT, MISSING_FIELD, WRONG_TYPE, EMPTY_TEXT, MISSING_FILE, DUPLICATE_ID)
 #: reasons an audio file is rejected for.
 AUDIO_REASONS = (EMPTY_FILE, UNREADABLE_HEADER, UNSUPPORTED_FORMAT, NO_SAMPLES, DECODE_ERROR, NON_FINITE)
+#: reasons a WebDataset sample or shard is rejected for (besides those of its JSON and its audio).
+SHARD_REASONS = (MISSING_MEMBER, UNREADABLE_SHARD)
 #: every reason, in a fixed order (the order of reports and of the all-reduced count vector).
-REASONS = MANIFEST_REASONS + AUDIO_REASONS
+REASONS = MANIFEST_REASONS + AUDIO_REASONS + SHARD_REASONS
 
 #: clips shorter than this (seconds) are valid but listed as warnings by ``check-data``.
 SHORT_CLIP_SECONDS = 0.1
@@ -92,7 +106,8 @@ class SkippedSample:
 
     Attributes:
         reason: one of :data:`REASONS`.
-        source: ``"manifest:line"`` or ``"manifest:entry N"`` of the row.
+        source: ``"manifest:line"`` or ``"manifest:entry N"`` of the row (``"shard:key"`` of a
+            WebDataset sample).
         path: the audio file, when known.
         detail: the full error message.
     """

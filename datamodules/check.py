@@ -349,6 +349,9 @@ def main(args: list[str] | None = None) -> int:
         checks.append(check_manifest(split, manifest, audio_dir, text_limit, options.decode, options.workers,
                                      progress=True))
     print(format_report(checks, options.max_problems, text_limit))
+    shards = getattr(datamodule, "train_shards", None)
+    if shards:  # WebDatasetDataModule: the shards are checked when read (see datamodules.shards)
+        print(f"train: {len(shards)} WebDataset shards, not scanned here (their samples are checked as training reads them)")
     if options.write_clean:
         for path in write_clean(checks, options.write_clean):
             print(f"clean manifest: {path}")

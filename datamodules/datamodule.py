@@ -487,6 +487,10 @@ class RetrievalDataModule(pl.LightningDataModule):
             # shards too. EpochSampler already shuffles, and the wrapper forwards set_epoch to it.
             sampler = ResumableSampler(EpochSampler(len(dataset), shuffle=True, seed=self.seed), world, rank)
             loader = self._loader(dataset, self.batch_size, sampler=sampler, drop_last=True)
+        return self._resumed(loader)
+
+    def _resumed(self, loader: DataLoader) -> DataLoader:
+        """The new train loader, set to start where training resumes, and kept for :meth:`load_state_dict`."""
         # Lightning creates the first epoch's iterator before its first set_epoch call, so start at
         # the epoch it resumes, after the batches a mid-epoch checkpoint has already trained.
         position = self._resume if self._resume is not None else resume_position(self.trainer)

@@ -68,7 +68,7 @@ def _load(
 ) -> np.ndarray | SkippedSample:
     """The clip's cropped waveform; a clip that fails to decode raises or, under ``skip``, becomes a marker."""
     try:
-        return load_audio(record.audio_path, sampling_rate, policy, train, rng)
+        return load_audio(record.audio_path, sampling_rate, policy, train, rng, data=record.audio_data)
     except AudioDecodeError as err:
         if on_bad_sample == "skip":
             return SkippedSample(err.reason, record.source, record.audio_path, str(err))
@@ -147,7 +147,7 @@ class PairDataset(Dataset):
         self.hard_negatives = hard_negatives
         self.epoch = 0
         for record in self.records:
-            if not record.is_qa and not record.is_text_pair and not self._fields_of(record):
+            if not self.has_texts(record):
                 raise ValueError(f"{record.source}: clip '{record.id}' has none of the fields {self.caption_fields}")
 
     def set_epoch(self, epoch: int) -> None:
@@ -167,7 +167,17 @@ class PairDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | SkippedSample:
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
-        record = self.records[index]
+        return self.item(self.records[index], index, epoch)
+
+    def has_texts(self, record: ClipRecord) -> bool:
+        """Whether the record can be a training pair: it has one of the ``caption_fields``, or is
+        an audio-QA row or a text pair."""
+        return record.is_qa or record.is_text_pair or bool(self._fields_of(record))
+
+    def item(self, record: ClipRecord, index: int, epoch: int) -> dict[str, Any] | SkippedSample:
+        """The training item of ``record`` as clip ``index`` in ``epoch`` (what ``self[(epoch,
+        index)]`` gives for the records held here; a stream of records read elsewhere, e.g. from
+        WebDataset shards, uses it with its own indices)."""
         if record.is_text_pair:
             return self._text_pair(record, index)
         caption_rng, crop_rng = self._rngs(epoch, index)

@@ -88,6 +88,7 @@ __all__ = [
     "read_json_list",
     "read_jsonl",
     "read_manifest",
+    "row_record",
     "screen_audio",
 ]
 
@@ -131,6 +132,8 @@ class ClipRecord:
         captions: the clip's captions (empty only for audio QA rows).
         extra: every other field of the row (``tags`` normalised to a list of strings).
         source: ``"manifest:line"`` (or ``"manifest:entry N"``), for error messages.
+        audio_data: the audio file's bytes when it is not a file on disk (a WebDataset tar member,
+            see :mod:`datamodules.shards`); ``audio_path`` then names it (``shard:member``).
     """
 
     id: str
@@ -138,6 +141,7 @@ class ClipRecord:
     captions: list[str]
     extra: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    audio_data: bytes | None = field(default=None, repr=False)
 
     @property
     def is_qa(self) -> bool:
@@ -209,13 +213,32 @@ def _tag_list(value: Any, where: str, path: str) -> list[str]:
 
 
 def _record(row: Any, audio_path: str, clip_id: Any, where: str, skip: tuple[str, ...]) -> ClipRecord:
-    """Validate the text fields of one row and build its record (``row`` is a parsed JSON value)."""
+    """Validate one row and build its record (``row`` is a parsed JSON value); the audio file must exist."""
     if not os.path.isfile(audio_path):
         raise _error(where, f"audio file not found: {audio_path}", MISSING_FILE, audio_path)
+    return row_record(row, audio_path, clip_id, where, skip)
+
+
+def row_record(
+    row: dict[str, Any],
+    audio_path: str,
+    clip_id: Any,
+    where: str,
+    skip: tuple[str, ...] = (),
+    caption_field: str = "caption",
+) -> ClipRecord:
+    """The record of a manifest row (a parsed JSON object), its id and text fields validated as the
+    readers validate them; nothing is looked up on disk. ``skip`` names the fields that are not
+    extras (e.g. ``audio``, ``caption``, ``id``); ``caption_field`` is the field holding the captions
+    (``text`` in a WebDataset sample's JSON).
+
+    Raises:
+        ManifestError: a field is missing, empty or of the wrong type; the message starts with ``where``.
+    """
     if not isinstance(clip_id, str) or not clip_id:
         reason = MISSING_FIELD if clip_id == "" else WRONG_TYPE
         raise _error(where, f"clip id must be a non-empty string, got {clip_id!r}", reason, audio_path)
-    extra = {key: value for key, value in row.items() if key not in skip}
+    extra = {key: value for key, value in row.items() if key not in skip and key != caption_field}
     for name in _STRING_FIELDS:
         if name in extra and (not isinstance(extra[name], str) or not extra[name].strip()):
             reason = EMPTY_TEXT if isinstance(extra[name], str) else WRONG_TYPE
@@ -225,14 +248,14 @@ def _record(row: Any, audio_path: str, clip_id: Any, where: str, skip: tuple[str
             _text_list(extra[name], where, name, audio_path)
     if "tags" in extra:
         extra["tags"] = _tag_list(extra["tags"], where, audio_path)
-    if "caption" in row:
-        captions = _text_list(row["caption"], where, "caption", audio_path)
+    if caption_field in row:
+        captions = _text_list(row[caption_field], where, caption_field, audio_path)
     elif "question" in extra and "answer" in extra:
         captions = []  # audio QA rows are embedded as question + audio -> answer
     elif "label" in extra or "labels" in extra:
         captions = []  # classification clips are scored against the class prompts
     else:
-        raise _error(where, "missing 'caption'", MISSING_FIELD, audio_path)
+        raise _error(where, f"missing '{caption_field}'", MISSING_FIELD, audio_path)
     return ClipRecord(id=clip_id, audio_path=audio_path, captions=captions, extra=extra, source=where)
 
 

@@ -7,9 +7,9 @@ and meanwhile iterates the loader from its start, so the resumed epoch sees its 
 and never its last ones.
 
 :func:`resume_position` reads where the next batch belongs from the loop counters, and the training
-samplers start that epoch there (:class:`ResumableSampler`, and
-:meth:`~datamodules.bucketing.DurationBatchSampler.resume_at` with duration bucketing;
-:func:`resume_loader` moves either): the loader keeps the full epoch's length (Lightning counts the
+samplers start that epoch there (:class:`ResumableSampler`,
+:meth:`~datamodules.bucketing.DurationBatchSampler.resume_at` with duration bucketing, and
+:class:`StepSampler` for WebDataset shards; :func:`resume_loader` moves any of them): the loader keeps the full epoch's length (Lightning counts the
 skipped batches as done), and the batches left out are never loaded.
 
 The counters cannot be read when the loader is built: Lightning builds the train loader *before* it
@@ -30,11 +30,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from datamodules.bucketing import DurationBatchSampler
 
-__all__ = ["ResumableSampler", "resume_loader", "resume_position"]
+__all__ = ["ResumableSampler", "StepSampler", "resume_loader", "resume_position"]
 
 
 def resume_position(trainer: pl.Trainer | None) -> tuple[int, int]:
@@ -91,12 +91,51 @@ class ResumableSampler(DistributedSamplerWrapper):
         return islice(super().__iter__(), skip if self.epoch == resumed else 0, None)
 
 
+class StepSampler(DistributedSampler):
+    """Yields ``(epoch, step)`` keys, one per training step of an epoch, for a dataset whose items
+    are whole batches of one process (:class:`~datamodules.shards.ShardPairs`, which reads the
+    batch of step ``step`` from its shards); pass it to a ``DataLoader`` with ``batch_size=None``.
+
+    The epoch travels inside each key, as with :class:`~datamodules.datasets.EpochSampler`, so
+    persistent workers read the right epoch. Lightning calls :meth:`set_epoch` before each epoch,
+    and being a ``DistributedSampler`` (each process builds its own, for its own rank) it is never
+    re-wrapped under ``use_distributed_sampler=True``. :meth:`resume_at` leaves the steps a
+    checkpoint has already trained out of the epoch it resumes.
+
+    Args:
+        steps: training steps per epoch (the same on every process).
+        num_replicas: number of processes.
+        rank: this process's rank.
+    """
+
+    def __init__(self, steps: int, num_replicas: int = 1, rank: int = 0):
+        # DistributedSampler only keeps the epoch and checks the rank here; the "dataset" is the steps.
+        super().__init__(range(steps), num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.steps = steps
+        self._resume = (0, 0)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def resume_at(self, epoch: int, skip: int) -> None:
+        """Start at ``epoch`` and leave out its first ``skip`` steps; the length stays a whole epoch's."""
+        self.set_epoch(epoch)
+        self._resume = (epoch, skip)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        # A generator: the epoch and the position are read at the first step, so an iterator made
+        # before a checkpoint's position was restored (without workers) still starts there.
+        epoch = self.epoch
+        resumed, skip = self._resume
+        yield from ((epoch, step) for step in range(skip if epoch == resumed else 0, self.steps))
+
+
 def resume_loader(loader: DataLoader, epoch: int, done: int, started: bool = False) -> None:
     """Make a train loader of :class:`~datamodules.datamodule.RetrievalDataModule` start at
     ``epoch`` after its first ``done`` batches (a position from :func:`resume_position`).
 
     Its sampler moves: :class:`ResumableSampler` by ``done`` × batch size indices,
-    :class:`~datamodules.bucketing.DurationBatchSampler` by ``done`` batches. The sampler is read
+    :class:`~datamodules.bucketing.DurationBatchSampler` and :class:`StepSampler` by ``done`` batches. The sampler is read
     when the first batch is fetched, so an iterator without workers picks the move up even if it
     was created before; persistent workers queue indices as soon as their iterator is created, so a
     loader that was already iterated (``started``) restarts them on the moved sampler (``iter`` of a
@@ -106,6 +145,8 @@ def resume_loader(loader: DataLoader, epoch: int, done: int, started: bool = Fal
         loader.batch_sampler.resume_at(epoch, done)
     elif isinstance(loader.sampler, ResumableSampler):
         loader.sampler.resume_at(epoch, done * loader.batch_size)
+    elif isinstance(loader.sampler, StepSampler):
+        loader.sampler.resume_at(epoch, done)
     else:
         raise TypeError(f"cannot resume a loader whose sampler is {type(loader.sampler).__name__}")
     if started and loader.num_workers > 0:

@@ -442,7 +442,7 @@ def test_collator_flags_a_batch_whose_samples_were_all_skipped():
     assert collate(markers) == {"empty": True, "skipped": {"decode_error": 1, "non_finite": 1}}
     with pytest.raises(ValueError, match="unknown bad-sample reason"):
         SkippedSample("bad_vibes", "m.jsonl:1")
-    assert len(set(REASONS)) == len(REASONS) == 13
+    assert len(set(REASONS)) == len(REASONS) == 15
 
 
 def _write_config(root: Path, paths: dict[str, str], **data: object) -> str:

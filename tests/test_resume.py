@@ -4,8 +4,10 @@ trainable weights of the uninterrupted run, bit for bit (CPU).
 The end-to-end runs come from ``tests/dist_scripts/resume_run.py``: the tiny ALM2Vec setup (LoRA
 with dropout, so the random states matter, learnable τ) with ``max_steps``, and the demo
 (``configs/demo.yaml``) with ``max_epochs`` on each data module, ``SyntheticDataModule`` and
-``RetrievalDataModule`` on JSONL manifests; 2 epochs × 4 steps, a checkpoint after every step. The
-other tests pin down the pieces: where the data loader resumes, and the random states.
+``RetrievalDataModule`` on JSONL manifests and ``WebDatasetDataModule`` on the same clips as shards;
+2 epochs × 4 steps, a checkpoint after every step; the batches trained before the kill and after the
+resume are those of the uninterrupted run, step by step. The other tests pin down the pieces: where
+the data loader resumes, and the random states.
 """
 
 import os
@@ -23,11 +25,13 @@ from datamodules.bucketing import DurationBatchSampler
 from datamodules.datasets import EpochSampler
 from datamodules.resume import ResumableSampler, resume_position
 from dist_scripts.resume_run import (
+    batches_of,
     data_root,
     finish,
     jsonl_manifests,
     last_checkpoint,
     log_of,
+    reference_run,
     reference_weights,
     run,
     wait_until_waiting,
@@ -48,6 +52,9 @@ from callbacks.rng_state import capture_rng_state, restore_rng_state
         ("demo", 6, ["--checkpoint.monitor", "null"], ["backbone.model.language_model"]),
         # The same on JSONL manifests, with 2 persistent workers and duration bucketing.
         ("jsonl", 5, ["--checkpoint.monitor", "null"], ["backbone.model.language_model"]),
+        # The same manifest as WebDataset shards: killed after step 3 of epoch 1, so the resumed epoch
+        # starts on the second worker's stream, one batch into it.
+        ("shards", 7, ["--checkpoint.monitor", "null"], ["backbone.model.language_model"]),
     ],
 )
 def test_killed_run_resumes_to_the_uninterrupted_weights(
@@ -65,6 +72,11 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(
     resumed = tmp_path / "resumed"
     status = finish(run(resumed, variant, data, "--ckpt_path", str(checkpoint), *options), resumed)
     assert status == 0, log_of(resumed)
+    # The steps trained before the kill and after the resume are the uninterrupted run's, in order:
+    # no batch repeated, none left out.
+    reference = batches_of(reference_run(tmp_path_factory, variant, *options))
+    assert batches_of(tmp_path / "killed") == reference[:kill_at]
+    assert batches_of(resumed) == reference[kill_at:]
     weights = torch.load(resumed / "weights.pt")
     assert weights.keys() == expected.keys()
     assert all(any(part in name for name in weights) for part in trained)

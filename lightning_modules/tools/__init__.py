@@ -10,8 +10,9 @@ The tools' library code lives beside them: :mod:`~lightning_modules.tools.export
 :mod:`~lightning_modules.tools.search` (exact top-k), :mod:`~lightning_modules.tools.sweep`,
 :mod:`~lightning_modules.tools.serve` (the demo page; FastAPI is the optional extra ``serve``),
 :mod:`~lightning_modules.tools.mine` (hard negatives for the re-ranker).
-``check-data`` and ``convert`` only need the data layer, so they stay in :mod:`datamodules.check`
-and :mod:`datamodules.convert` and are registered here.
+``check-data``, ``convert`` and ``shard`` only need the data layer, so they stay in
+:mod:`datamodules.check`, :mod:`datamodules.convert` and :mod:`datamodules.shard_writer` and are
+registered here.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ TOOLS: dict[str, Tool] = {
     "mine": Tool("lightning_modules.tools.mine:main", "mine hard negatives per clip with an embedding model (re-ranker data)"),
     "search": Tool("lightning_modules.tools.search:main", "exact top-k search between two embeddings files"),
     "serve": Tool("lightning_modules.tools.serve:main", "a retrieval demo page and JSON API over a predict output"),
+    "shard": Tool("datamodules.shard_writer:main", "write a manifest as WebDataset shards with an index (or index shards)"),
     "sweep": Tool("lightning_modules.tools.sweep:run_sweep", "run an ablation grid and tabulate the results"),
 }
 

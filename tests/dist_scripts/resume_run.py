@@ -17,6 +17,12 @@ predecessor's checkpoint is on disk) and then waits until a preemption signal ha
   ``max_epochs``, which makes Lightning build the train loader before it restores a checkpoint;
 - ``jsonl``: the demo model with ``max_epochs`` on ``RetrievalDataModule`` reading the synthetic
   data's JSONL manifests, 2 persistent workers, duration bucketing.
+- ``shards``: the same on ``WebDatasetDataModule`` reading the training manifest written as 7
+  WebDataset shards of at most 5 clips (``python main.py shard``), a shuffle buffer of 4.
+
+Every run also writes the clip ids of each trained batch, one JSON line per step and process, to
+``OUT/batches.jsonl``. Under torchrun (``--trainer.devices 2 --trainer.strategy ddp``) the script
+runs one process per rank, and rank 0 saves the weights.
 
 The helpers below start the script (``run``), wait for it and compute, once per test session, the
 weights of the uninterrupted run the tests compare with (``reference_weights``).
@@ -25,6 +31,7 @@ weights of the uninterrupted run the tests compare with (``reference_weights``).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -42,6 +49,8 @@ VARIANTS = {
     "grad_cache": (_ALM2VEC, ["--model.grad_cache_chunk_size", "4", *_WORKERS_AND_BUCKETS]),
     "demo": (["demo.yaml"], []),
     "jsonl": (["demo.yaml"], _WORKERS_AND_BUCKETS),
+    "shards": (["demo.yaml"], [*_WORKERS_AND_BUCKETS, "--data.init_args.shuffle_buffer", "4",
+                               "--data.init_args.bucket_pool_multiplier", "2"]),
 }  # fmt: skip
 
 
@@ -50,6 +59,16 @@ def jsonl_manifests(data_root: Path) -> dict[str, str]:
     from datamodules.synthetic import make_synthetic_dataset
 
     return make_synthetic_dataset(str(data_root), num_train=32, num_val=8, num_test=8)
+
+
+def shard_pattern(data_root: Path) -> str:
+    """The training manifest of :func:`jsonl_manifests` as shards of at most 5 clips (made on first use)."""
+    folder = data_root / "shards"
+    if not (folder / "index.json").exists():
+        from datamodules.shard_writer import main as shard
+
+        shard(["--manifest", jsonl_manifests(data_root)["train"], "--output_dir", str(folder), "--max_count", "5"])
+    return str(folder / json.loads((folder / "index.json").read_text())["pattern"])
 
 
 def cli_args(out: Path, variant: str, data_root: Path) -> list[str]:
@@ -61,6 +80,9 @@ def cli_args(out: Path, variant: str, data_root: Path) -> list[str]:
         manifests = jsonl_manifests(data_root)
         args += ["--data", "RetrievalDataModule", "--data.init_args.train_manifest", manifests["train"],
                  "--data.init_args.val_manifest", manifests["val"]]
+    elif variant == "shards":
+        args += ["--data", "WebDatasetDataModule", "--data.init_args.train_shards", shard_pattern(data_root),
+                 "--data.init_args.val_manifest", jsonl_manifests(data_root)["val"]]
     else:
         args += ["--data.init_args.root", str(data_root), "--data.init_args.num_train", "32",
                  "--data.init_args.num_val", "8", "--data.init_args.num_test", "8"]
@@ -131,6 +153,13 @@ def reference_run(tmp_path_factory, variant: str, *options: str) -> Path:
     return _references[key]
 
 
+def batches_of(out: Path, rank: int = 0) -> list[dict]:
+    """``{"rank", "step", "clip_ids"}`` of every batch the process of ``rank`` trained, in order."""
+    path = out / "batches.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [row for row in map(json.loads, lines) if row["rank"] == rank]
+
+
 def reference_weights(tmp_path_factory, variant: str, *options: str) -> dict[str, torch.Tensor]:
     """Final trainable weights of the uninterrupted run."""
     return torch.load(reference_run(tmp_path_factory, variant, *options) / "weights.pt")
@@ -174,10 +203,17 @@ def main() -> None:
 
     class SaveWeights(Callback):
         def on_train_end(self, trainer, pl_module) -> None:
-            torch.save(trainable_state_dict(pl_module), args.out / "weights.pt")
+            if trainer.is_global_zero:
+                torch.save(trainable_state_dict(pl_module), args.out / "weights.pt")
+
+    class RecordBatches(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            row = {"rank": trainer.global_rank, "step": trainer.global_step, "clip_ids": batch.get("clip_ids")}
+            with open(args.out / "batches.jsonl", "a") as handle:  # one short line per write: no interleaving
+                handle.write(json.dumps(row) + "\n")
 
     sys.argv = sys.argv[:1]  # the options go to the CLI through args=
-    callbacks = [SaveWeights()] + ([WaitAt()] if args.wait_at is not None else [])
+    callbacks = [SaveWeights(), RecordBatches()] + ([WaitAt()] if args.wait_at is not None else [])
     cli_options = cli_args(args.out, args.variant, args.data_root) + more
     if args.ckpt_path:
         cli_options += ["--ckpt_path", args.ckpt_path]
