@@ -438,3 +438,18 @@ def test_constructor_rejects_ambiguous_sources():
         MiDashengLMBackbone(name_or_path="somewhere", tiny=True)
     with pytest.raises(ValueError):
         MiDashengLMBackbone(tiny=True, trust_remote_code=True)
+
+
+def test_encoder_config_defaults_are_the_published_ones_and_valid():
+    # DashengConfig() and a checkpoint config without audio_encoder_config must build (the defaults
+    # once copied the generic Dasheng patches, 16x16 / 1012 frames, which MiDashengLM rejects).
+    published = MiDashengLMConfig.midashenglm_7b().audio_encoder_config
+    default = DashengConfig()
+    assert (default.patch_size, default.patch_stride, default.target_length) == (
+        published.patch_size, published.patch_stride, published.target_length) == ([64, 4], [64, 4], 1008)
+    assert DashengConfig.from_dict({}) == default
+    values = MiDashengLMConfig.tiny().to_dict()
+    del values["audio_encoder_config"]
+    assert MiDashengLMConfig.from_dict(values).audio_encoder_config == default
+    with pytest.raises(ValueError, match="spanning all 64 mel bins"):
+        DashengConfig(patch_size=[16, 16], patch_stride=[16, 16])

@@ -40,16 +40,18 @@ class DashengConfig:
     MiDashengLM checkpoints use (64, 4): one patch spans all mel bins and 4 frames (40 ms), so the
     token sequence is a plain time sequence and the attention mask is a time mask.
     ``target_length`` is the chunk length in frames: longer inputs are encoded chunk by chunk.
+    The defaults are the published checkpoints' values (Dasheng-base widths, (64, 4) patches, 1008
+    frames per chunk), so ``DashengConfig()`` and ``from_dict({})`` build a valid encoder config.
     ``outputdim``, ``drop_rate`` and ``attn_drop_rate`` are kept for config round trips only (the
     classification head is not part of MiDashengLM and dropout is 0).
     """
 
     embed_dim: int = 768
     outputdim: int = 527
-    patch_size: list[int] = field(default_factory=lambda: [16, 16])
-    patch_stride: list[int] = field(default_factory=lambda: [16, 16])
+    patch_size: list[int] = field(default_factory=lambda: [64, 4])
+    patch_stride: list[int] = field(default_factory=lambda: [64, 4])
     input_channels: int = 1
-    target_length: int = 1012
+    target_length: int = 1008
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
@@ -110,11 +112,6 @@ def num_encoder_patches(num_samples: int | torch.Tensor, config: DashengConfig) 
     or elementwise for a tensor of lengths."""
     patches = (num_mel_frames(num_samples, config) - config.patch_size[1]) // config.frames_per_patch + 1
     return patches.clamp(min=0) if isinstance(patches, torch.Tensor) else max(0, patches)
-
-
-def num_valid_patches(num_samples: int, config: DashengConfig) -> int:
-    """Tokens that other tokens may attend to: the official rule is ``samples // (hop * stride)``."""
-    return num_samples // (config.hop_length * config.frames_per_patch)
 
 
 def hz_to_mel_htk(freq: torch.Tensor) -> torch.Tensor:
