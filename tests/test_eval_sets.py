@@ -12,7 +12,7 @@ import soundfile as sf
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from builders import quiet_trainer, synthetic_datamodule, tiny_module
+import builders
 from callbacks import EmbeddingProjector, RetrievalReport
 from callbacks.report import format_markdown, split_key
 from datamodules import AudioPolicy, EvalDataset, RetrievalDataModule
@@ -169,10 +169,10 @@ def embed_set(module, dataset, batch_size=8):
 @pytest.fixture(scope="module")
 def tested(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalsuite")
-    module = tiny_module(manual_seed=0)
-    dm = synthetic_datamodule(root / "data", module, num_test=12, num_hard_pairs=3, eval_batch_size=5)
+    module = builders.tiny_module(manual_seed=0)
+    dm = builders.synthetic_datamodule(root / "data", module, num_test=12, num_hard_pairs=3, eval_batch_size=5)
     report, projector = RetrievalReport(), EmbeddingProjector(max_samples=5)
-    trainer = quiet_trainer(logger=TensorBoardLogger(str(root), name="tb"), callbacks=[report, projector])
+    trainer = builders.quiet_trainer(logger=TensorBoardLogger(str(root), name="tb"), callbacks=[report, projector])
     trainer.test(module, datamodule=dm)
     return module, dm, report, projector, trainer
 
@@ -292,7 +292,7 @@ def test_classification_set_definitions_and_bad_labels(tmp_path):
         classification_layout(read_manifest(str(tmp_path / "none.jsonl")))
 
 
-def test_query_types_are_checked_and_reported_per_type(tmp_path):
+def test_query_types_are_checked_and_reported_per_type(tmp_path, quiet_trainer, tiny_module):
     rows = [{"id": f"c{i}", "caption": [f"tone {i}", f"which tone is {i}?"], "query_type": ["keyphrase", "question"]}
             for i in range(4)]  # fmt: skip
     rows += [{"id": "c4", "caption": "tone 4", "query_type": "keyphrase"}, {"id": "c5", "caption": "x"}]
@@ -353,16 +353,16 @@ def test_projector_logs_both_modalities(tested):
         assert all(text in by_id[clip].captions for _, clip, text in text_rows)
 
 
-def test_partial_evaluation_scores_the_hard_negatives_it_can(tmp_path):
+def test_partial_evaluation_scores_the_hard_negatives_it_can(tmp_path, quiet_trainer, synthetic_datamodule, tiny_module):
     module = tiny_module(manual_seed=0)
-    dm = synthetic_datamodule(tmp_path / "data", module, num_hard_pairs=4, eval_batch_size=3)
+    dm = synthetic_datamodule(module, num_hard_pairs=4, eval_batch_size=3)
     quiet_trainer(limit_test_batches=1).test(module, datamodule=dm)
     # the first batch holds clips 0-2 = pairs 0 (a, b) and half of pair 1: only pair 0's two triples count
     assert module.test_results["test/synthetic_order/n_queries"] == 2
     assert "test/synthetic_order/hn/HNSR@1" in module.test_results
 
 
-def test_speech_text_set_and_question_field(tmp_path):
+def test_speech_text_set_and_question_field(tmp_path, quiet_trainer, tiny_module):
     rows = [{"id": f"s{i}", "caption": f"transcript number {i}", "question": f"question {i}?", "answer": "x"}
             for i in range(6)]  # fmt: skip
     manifest = str(write_clips(tmp_path, rows))
@@ -389,7 +389,7 @@ def test_speech_text_set_and_question_field(tmp_path):
         assert results[f"test/speech/{key}"] == pytest.approx(float(value), abs=1e-4), key
 
 
-def test_several_validation_sets_feed_the_checkpoint_monitor(tmp_path):
+def test_several_validation_sets_feed_the_checkpoint_monitor(tmp_path, quiet_trainer, tiny_module):
     a = str(write_clips(tmp_path / "a", [{"id": f"a{i}", "caption": f"tone {i}"} for i in range(5)]))
     b = str(write_clips(tmp_path / "b", [{"id": f"b{i}", "caption": [f"tone {i}", f"pitch {i}"]} for i in range(4)]))
     module = tiny_module(manual_seed=0)

@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from builders import tiny_dasheng_backbone, tiny_module, tiny_qwen_backbone
+import builders
 from datamodules.audio import load_audio
 from lightning_modules import (
     EmbeddingModule,
@@ -44,7 +44,7 @@ def encode_all(model):
 
 @pytest.fixture(scope="module")
 def qwen_lora():
-    backbone = tiny_qwen_backbone(seed=3, prompts=PromptTemplates(system=None), lora=LoraSettings(r=4))
+    backbone = builders.tiny_qwen_backbone(seed=3, prompts=PromptTemplates(system=None), lora=LoraSettings(r=4))
     perturb_lora(backbone)
     module = EmbeddingModule(backbone, EmbTokenPooler(), LinearHead(16), InfoNCE(temperature=0.07))
     return module.eval()
@@ -77,7 +77,7 @@ def test_qwen_lora_export_is_bit_identical(qwen_lora, tmp_path):
         assert torch.equal(embeddings, expected[name]), name
 
 
-def test_adapter_loads_with_peft(qwen_lora, tmp_path):
+def test_adapter_loads_with_peft(qwen_lora, tmp_path, tiny_qwen_backbone):
     """The adapter files are peft's own format: PeftModel.from_pretrained reads them."""
     from peft import PeftModel
 
@@ -109,12 +109,12 @@ def test_qwen_merged_export(qwen_lora, tmp_path):
     assert not any(getattr(m, "merged", False) for m in qwen_lora.modules())
 
 
-def test_merge_needs_lora(tmp_path):
+def test_merge_needs_lora(tmp_path, tiny_module):
     with pytest.raises(ValueError, match="no LoRA"):
         export_model(tiny_module(), tmp_path, merge_lora=True)
 
 
-def test_midashenglm_lora_export(tmp_path):
+def test_midashenglm_lora_export(tmp_path, tiny_dasheng_backbone):
     backbone = tiny_dasheng_backbone(manual_seed=0, lora=LoraSettings(r=4), system_prompt=None)
     perturb_lora(backbone)
     module = EmbeddingModule(backbone, LastTokenPooler(), ModalityHeads(8)).eval()

@@ -38,7 +38,8 @@ from lightning_modules.backbones.midashenglm import (
     audio_token_count,
     build_tiny_tokenizer,
 )
-from builders import tiny_dasheng_backbone, tiny_dasheng_model
+import builders
+from builders import tiny_dasheng_model
 from datamodules.inputs import EmbedInput
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "midashenglm_7b_official.json").read_text())
@@ -118,7 +119,7 @@ def tiny_model(seed: int = 0) -> MiDashengLM:
 
 
 def tiny_backbone(seed: int = 0) -> MiDashengLMBackbone:
-    return tiny_dasheng_backbone(manual_seed=seed).eval()
+    return builders.tiny_dasheng_backbone(manual_seed=seed).eval()
 
 
 def clip(seconds: float, seed: int) -> np.ndarray:
@@ -367,7 +368,7 @@ def test_7b_on_meta_matches_published_config_and_tensor_counts():
     assert abs(4 * parameters / 1e9 - FIXTURE["fp32_checkpoint"]["approx_total_gb"]) < 1.0
 
 
-def test_only_decoder_can_train_and_audio_path_stays_in_eval():
+def test_only_decoder_can_train_and_audio_path_stays_in_eval(tiny_dasheng_backbone):
     backbone = tiny_backbone()
     backbone.train()
     assert backbone.training and backbone.language_model.training
@@ -413,7 +414,7 @@ def test_prompt_format_final_token_and_pickling():
 
 
 @torch.no_grad()
-def test_text_only_batch_has_no_audio_and_bfloat16_runs():
+def test_text_only_batch_has_no_audio_and_bfloat16_runs(tiny_dasheng_backbone):
     backbone = tiny_backbone()
     batch = backbone.collator()([EmbedInput(text="a dog barks"), EmbedInput(text="music plays")])
     assert set(batch) == {"input_ids", "attention_mask"}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from builders import tiny_module, trainable_parts
+from builders import trainable_parts
 from datamodules import RetrievalDataModule
 from lightning_modules import BagOfWordsGuide, EmbeddingModule, LinearHead, LoraSettings
 from datamodules.inputs import EmbedInput
@@ -42,7 +42,7 @@ def batch_of(module, captions, tags=None):
     return module.collate(examples)
 
 
-def test_guide_scores_reach_the_masker():
+def test_guide_scores_reach_the_masker(tiny_module):
     module = tiny_module(loss=InfoNCE(masker=GuideModelMasker(margin=0.1)), guide=BagOfWordsGuide())
     captions = ["a low hum then two clicks", "two clicks then a low hum", "a siren", "a rising chirp"]
     batch = batch_of(module, captions)
@@ -55,7 +55,7 @@ def test_guide_scores_reach_the_masker():
     assert out.logs["masked_fraction"] == pytest.approx(2 / 12)
 
 
-def test_tag_clusters_from_file(tmp_path):
+def test_tag_clusters_from_file(tmp_path, tiny_module):
     path = tmp_path / "clusters.json"
     path.write_text('{"dog": {"cluster_index": 3}, "barking": {"cluster_index": 3}, "sound": {"cluster_index": null}}')
     module = tiny_module(tag_cluster_file=str(path))
@@ -64,7 +64,7 @@ def test_tag_clusters_from_file(tmp_path):
     assert clusters[0] == clusters[1] == frozenset({3}) and clusters[2] != clusters[0]
 
 
-def test_alm2vec_setup_trains_only_lora_qkv_head_and_temperature():
+def test_alm2vec_setup_trains_only_lora_qkv_head_and_temperature(tiny_module):
     module = tiny_module("midashenglm", backbone=dict(freeze_audio_encoder=True, lora=LoraSettings(r=4)),
                          **trainable_parts())
     backbone = module.backbone
@@ -110,7 +110,7 @@ def test_stage1_to_stage2_hand_over(tmp_path):
                 assert torch.equal(p, frozen1[name]), name
 
 
-def test_init_from_rejects_mismatched_weights(tmp_path):
+def test_init_from_rejects_mismatched_weights(tmp_path, tiny_module):
     path = tmp_path / "bad.safetensors"
     save_file({"head.proj.weight": torch.zeros(3, 3)}, str(path))
     with pytest.raises(ValueError, match="missing .*unexpected|wrong shape"):

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import Qwen2_5OmniConfig
 
-from builders import tiny_qwen_backbone
+import builders
 from lightning_modules.backbones.qwen_omni import (
     AUDIO_TOKEN,
     PromptTemplates,
@@ -30,7 +30,7 @@ def wave(seconds: float, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def backbone():
-    return tiny_qwen_backbone().eval()
+    return builders.tiny_qwen_backbone().eval()
 
 
 def test_placeholder_formula_matches_audio_tower(backbone):
@@ -131,7 +131,7 @@ def _save_official_layout(directory: str) -> tuple:
     return model, tokenizer, feature_extractor
 
 
-def test_real_loading_path_reads_full_omni_checkpoint(tmp_path):
+def test_real_loading_path_reads_full_omni_checkpoint(tmp_path, tiny_qwen_backbone):
     reference, _, _ = _save_official_layout(str(tmp_path))
     loaded = QwenOmniThinker(name_or_path=str(tmp_path)).eval()
     tiny = tiny_qwen_backbone(seed=3).eval()
@@ -183,7 +183,7 @@ def _audio_only_processor(collate):
     )  # fmt: skip
 
 
-def test_parity_with_official_processor():
+def test_parity_with_official_processor(tiny_qwen_backbone):
     # A fresh backbone: the processor sets the special-token attributes it reads on the tokenizer.
     collate = tiny_qwen_backbone().collator()
     processor = _audio_only_processor(collate)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.rerank import RerankCollator, RerankPrompts
-from builders import tiny_backbone, tiny_reranker_backbone
+from builders import tiny_backbone
 from lightning_modules import QwenOmniThinker, RerankModule
 from lightning_modules.metrics import score_matrix_metrics
 from references import retrieval_reference, score_matrix_reference
@@ -119,7 +119,7 @@ def test_fusion_adds_alpha_p_to_every_top_k_candidate_and_reads_no_labels():
     assert score_matrix_metrics(fused, relevant, "x") != score_matrix_metrics(fused, permuted, "x")
 
 
-def test_evaluation_is_label_free_end_to_end(monkeypatch):
+def test_evaluation_is_label_free_end_to_end(monkeypatch, tiny_reranker_backbone):
     """Through the module's evaluation: the same clips and the same caption texts in the same order,
     but the captions owned by other clips (other relevance labels), give the same fused scores."""
     module = RerankModule(tiny_reranker_backbone(), k=3, alpha_t2a=0.5, alpha_a2t=0.5)
@@ -155,7 +155,7 @@ def test_evaluation_is_label_free_end_to_end(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["qwen", "midashenglm"])
-def test_shared_prefix_scores_equal_the_plain_path(kind):
+def test_shared_prefix_scores_equal_the_plain_path(kind, tiny_reranker_backbone):
     backbone = tiny_reranker_backbone(manual_seed=0) if kind == "qwen" else tiny_backbone(kind, manual_seed=0)
     module = RerankModule(backbone, k=3).eval()
     pairs = [PROMPTS.pair("a2t", wave(0), caption) for caption in CAPTIONS]
@@ -169,7 +169,7 @@ def test_shared_prefix_scores_equal_the_plain_path(kind):
     torch.testing.assert_close(cached.log_normaliser, plain.log_normaliser, atol=1e-5, rtol=0)
 
 
-def test_prompts_put_the_audio_where_the_direction_needs_it():
+def test_prompts_put_the_audio_where_the_direction_needs_it(tiny_reranker_backbone):
     collator = tiny_reranker_backbone().collator(generation_prompt=True)
     a2t, t2a = PROMPTS.pair("a2t", wave(0), "rain"), PROMPTS.pair("t2a", wave(0), "rain")
     text_a2t, text_t2a = collator.prompts.render(a2t, True), collator.prompts.render(t2a, True)
@@ -196,14 +196,14 @@ def test_training_groups_put_the_positive_first():
     assert all("rain" in p.text for p in prompts[3:])
 
 
-def test_a_module_without_lm_head_or_with_a_bad_k_is_refused():
+def test_a_module_without_lm_head_or_with_a_bad_k_is_refused(tiny_reranker_backbone):
     with pytest.raises(ValueError, match="lm_head"):
         RerankModule(QwenOmniThinker(tiny=True))
     with pytest.raises(ValueError, match="k must"):
         RerankModule(tiny_reranker_backbone(), k=0)
 
 
-def test_k_above_the_candidate_count_names_it(monkeypatch):
+def test_k_above_the_candidate_count_names_it(monkeypatch, tiny_reranker_backbone):
     module = RerankModule(tiny_reranker_backbone(), k=4)
     monkeypatch.setattr(module, "_embed_set", lambda waves, captions: (torch.eye(3), torch.eye(3)))
     module._clips = [{"clip_id": f"c{i}", "clip_index": i, "audio": wave(i), "captions": [CAPTIONS[i]]} for i in range(3)]

@@ -21,7 +21,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from builders import tiny_backbone, tiny_qwen_backbone
+from builders import tiny_backbone
 from callbacks import SkippedSampleReport
 from datamodules.audio import AudioPolicy
 from datamodules.check import main as check_data
@@ -88,7 +88,7 @@ def test_every_side_of_a_pair_is_cut_and_counted(backbone):
     assert batch["query"]["attention_mask"][1].sum() == untruncated["attention_mask"][0].sum()
 
 
-def test_a_prompt_over_the_limit_names_the_row(tmp_path):
+def test_a_prompt_over_the_limit_names_the_row(tmp_path, tiny_qwen_backbone):
     """Long audio (30 s: 750 audio tokens on the Qwen thinker) with a long question; the error comes
     from the collator, before the model sees anything."""
     seconds = {"short": 1.0, "long": 30.0}
@@ -107,7 +107,7 @@ def test_a_prompt_over_the_limit_names_the_row(tmp_path):
     assert info.value.index == 1 and info.value.tokens > 750
 
 
-def test_limits_are_checked():
+def test_limits_are_checked(tiny_qwen_backbone):
     with pytest.raises(ValueError, match="max_text_tokens must be >= 1 or null"):
         QwenOmniThinker(tiny=True, max_text_tokens=0)
     with pytest.raises(ValueError, match="max_prompt_tokens must be >= 1 or null"):
@@ -188,7 +188,7 @@ def test_the_report_logs_the_truncated_inputs(tmp_path, capsys):
     assert "truncated texts (train, epoch 0): 0 query-side and 6 document-side inputs" in capsys.readouterr().out
 
 
-def test_check_data_warns_about_texts_over_the_limit(tmp_path, capsys):
+def test_check_data_warns_about_texts_over_the_limit(tmp_path, capsys, tiny_qwen_backbone):
     """Counted with the backbone's tokenizer, here the tiny thinker's saved to a directory (as a real
     checkpoint ships it) and named with ``--tokenizer``; without it a tiny backbone's texts are not
     counted, and the report says so."""
