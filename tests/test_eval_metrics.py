@@ -6,14 +6,15 @@ the processes once for every metric)."""
 from __future__ import annotations
 
 import math
-import statistics
 
-import numpy as np
 import pytest
 import torch
+from references import diagnostics_reference as reference_diagnostics
+from references import hard_negative_reference as reference_hard_negatives
+from references import qa_reference as reference_qa
+from references import retrieval_reference as reference
+from references import text_text_reference as reference_t2t
 from test_metrics import (
-    _ranked,
-    _summary,
     counting,  # noqa: F401  (a fixture, requested by name)
     feed_qa,
     integer_rows,
@@ -21,7 +22,6 @@ from test_metrics import (
     model_values,
     qa_batches,
     qa_data,
-    reference,
 )
 
 from lightning_modules.diagnostics import embedding_diagnostics
@@ -47,22 +47,6 @@ def assert_close(result, expected, keys):
 # ---------------------------------------------------------------------------------------------
 # Caption-caption retrieval
 # ---------------------------------------------------------------------------------------------
-
-
-def reference_t2t(text_emb, text_ids, text_keys):
-    scores = (text_emb.double() @ text_emb.double().T).tolist()
-    ids, keys = text_ids.tolist(), text_keys.tolist()
-    best, aps = [], []
-    for q in range(len(ids)):
-        siblings = {j for j in range(len(ids)) if j != q and ids[j] == ids[q]}
-        if not siblings:
-            continue
-        others = [j for j in range(len(ids)) if j != q]  # the query itself is no candidate
-        order = _ranked(others, scores[q], siblings, keys)
-        ranks = sorted(order.index(j) + 1 for j in siblings)
-        aps.append(sum((i + 1) / r for i, r in enumerate(ranks) if r <= 10) / len(ranks))
-        best.append(ranks[0])
-    return {f"t2t/{k}": v for k, v in _summary(best, aps).items()}
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -95,24 +79,6 @@ def test_text_text_needs_a_clip_with_two_captions():
 # ---------------------------------------------------------------------------------------------
 # Hard negatives
 # ---------------------------------------------------------------------------------------------
-
-
-def reference_hard_negatives(query_emb, audio_emb, target, negative, ks=(1, 5, 10)):
-    scores = (query_emb.double() @ audio_emb.double().T).tolist()
-    rank_t, rank_n = [], []
-    for row, t, n in zip(scores, target.tolist(), negative.tolist()):
-        rank_t.append(1 + sum(s >= row[t] for j, s in enumerate(row) if j != t))
-        rank_n.append(1 + sum(s > row[n] for j, s in enumerate(row) if j != n))
-    delta = [n - t for t, n in zip(rank_t, rank_n)]
-    m = len(delta)
-    out = {}
-    for k in ks:
-        out[f"hn/HNSR@{k}"] = 100 * sum(t <= k < n for t, n in zip(rank_t, rank_n)) / m
-        out[f"hn/R@{k}"] = 100 * sum(t <= k for t in rank_t) / m
-    out["hn/delta_rank_mean"] = sum(delta) / m
-    out["hn/delta_rank_median"] = statistics.median(delta)
-    out["hn/neg_above_target"] = 100 * sum(d < 0 for d in delta) / m
-    return out
 
 
 def hard_negative_data(seed, num_queries=23, num_audio=17):
@@ -166,23 +132,6 @@ def test_hard_negatives_reject_bad_indices():
 # ---------------------------------------------------------------------------------------------
 
 
-def reference_qa(query_emb, choice_emb, choice_item, answer_choice, categories, names):
-    scores = (query_emb.double()[choice_item] * choice_emb.double()).sum(1).tolist()
-    items, answers = choice_item.tolist(), answer_choice.tolist()
-    correct, chance = [], []
-    for q, a in enumerate(answers):
-        mine = [c for c, item in enumerate(items) if item == q]
-        correct.append(all(scores[a] > scores[c] for c in mine if c != a))
-        chance.append(1 / len(mine))
-    out = {"qa/accuracy": 100 * sum(correct) / len(correct), "chance/qa/accuracy": 100 * sum(chance) / len(chance)}
-    for index, name in enumerate(names):
-        members = [i for i, cat in enumerate(categories.tolist()) if cat == index]
-        if members:
-            out[f"qa/accuracy/{name}"] = 100 * sum(correct[i] for i in members) / len(members)
-            out[f"chance/qa/accuracy/{name}"] = 100 * sum(chance[i] for i in members) / len(members)
-    return out
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_qa_accuracy_matches_reference(seed):
     data = qa_data(500 + seed)
@@ -218,32 +167,6 @@ def test_qa_rejects_answer_of_another_question():
 # ---------------------------------------------------------------------------------------------
 # Diagnostics
 # ---------------------------------------------------------------------------------------------
-
-
-def reference_diagnostics(audio, audio_ids, text, text_ids):
-    audio, text = audio.double().numpy(), text.double().numpy()
-    row_of = {clip: i for i, clip in enumerate(audio_ids.tolist())}
-
-    def pair_sq(x, y):
-        return ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
-
-    def upper(square):
-        return square[np.triu_indices(square.shape[0], 1)]
-
-    pooled = np.concatenate([audio, text])
-    sigma = np.median(np.sqrt(upper(pair_sq(pooled, pooled))))
-    m, n = len(audio), len(text)
-    k = np.exp(-pair_sq(pooled, pooled) / (2 * sigma**2))
-    kxx, kyy, kxy = k[:m, :m], k[m:, m:], k[:m, m:]
-    mmd = (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2 * kxy.mean()
-    pairs = [((audio[row_of[c]] - t) ** 2).sum() for c, t in zip(text_ids.tolist(), text)]
-    return {
-        "diag/modality_gap": np.linalg.norm(audio.mean(0) - text.mean(0)),
-        "diag/mmd": mmd,
-        "diag/alignment": np.mean(pairs),
-        "diag/uniformity_audio": np.log(np.mean(np.exp(-2 * upper(pair_sq(audio, audio))))),
-        "diag/uniformity_text": np.log(np.mean(np.exp(-2 * upper(pair_sq(text, text))))),
-    }
 
 
 def diagnostics_data(seed):

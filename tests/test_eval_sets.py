@@ -1,5 +1,6 @@
 """Several evaluation sets per run: set definitions, bad input, the module's per-set metrics against
-an independent recomputation, speech–text and QA sets, reports and the embedding projector."""
+the float64 brute-force references of tests/references.py on independently embedded sets, speech–text
+and QA sets, reports and the embedding projector."""
 
 import json
 from pathlib import Path
@@ -11,9 +12,10 @@ import soundfile as sf
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+import builders
 from callbacks import EmbeddingProjector, RetrievalReport
 from callbacks.report import format_markdown, split_key
-from datamodules import AudioPolicy, EvalDataset, RetrievalDataModule, SyntheticDataModule
+from datamodules import AudioPolicy, EvalDataset, RetrievalDataModule
 from datamodules.eval_sets import (
     EvalSet,
     classification_layout,
@@ -23,16 +25,15 @@ from datamodules.eval_sets import (
     read_hard_negatives,
 )
 from datamodules.manifest import ManifestError, read_manifest
-from lightning_modules import EmbeddingModule, EmbTokenPooler, QwenOmniThinker
-from lightning_modules.diagnostics import embedding_diagnostics
 from lightning_modules.evaluation import mean_over_sets
 from datamodules.inputs import EmbedInput
-from lightning_modules.metrics import (
-    hard_negative_metrics,
-    qa_accuracy,
-    retrieval_metrics,
-    text_text_metrics,
-    zero_shot_metrics,
+from references import (
+    diagnostics_reference,
+    hard_negative_reference,
+    qa_reference,
+    retrieval_reference,
+    text_text_reference,
+    zero_shot_reference,
 )
 
 
@@ -168,14 +169,10 @@ def embed_set(module, dataset, batch_size=8):
 @pytest.fixture(scope="module")
 def tested(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalsuite")
-    torch.manual_seed(0)
-    module = EmbeddingModule(QwenOmniThinker(tiny=True), EmbTokenPooler())
-    dm = SyntheticDataModule(root=str(root / "data"), num_train=4, num_val=4, num_test=12, num_hard_pairs=3,
-                             batch_size=4, eval_batch_size=5)  # fmt: skip
+    module = builders.tiny_module(manual_seed=0)
+    dm = builders.synthetic_datamodule(root / "data", module, num_test=12, num_hard_pairs=3, eval_batch_size=5)
     report, projector = RetrievalReport(), EmbeddingProjector(max_samples=5)
-    trainer = pl.Trainer(accelerator="cpu", logger=TensorBoardLogger(str(root), name="tb"),
-                         callbacks=[report, projector], enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    dm.bind(module.backbone.sampling_rate, module.collate)
+    trainer = builders.quiet_trainer(logger=TensorBoardLogger(str(root), name="tb"), callbacks=[report, projector])
     trainer.test(module, datamodule=dm)
     return module, dm, report, projector, trainer
 
@@ -207,7 +204,7 @@ def test_every_set_is_reported_under_its_name(tested):
     )
 
 
-def test_module_metrics_match_an_independent_recomputation(tested):
+def test_module_metrics_match_the_references_on_independently_embedded_sets(tested):
     module, dm, _, _, _ = tested
     results = module.test_results
     module.eval()
@@ -216,8 +213,8 @@ def test_module_metrics_match_an_independent_recomputation(tested):
         return EvalDataset(dm.set_records("test", name), 16000, dm.eval_policy, **kwargs)
 
     a, a_ids, t, t_ids, t_keys, _, _ = embed_set(module, dataset("synthetic"))
-    expected = {**retrieval_metrics(a, a_ids, t, t_ids, t_keys), **text_text_metrics(t, t_ids, t_keys),
-                **embedding_diagnostics(a, a_ids, t, t_ids)}  # fmt: skip
+    expected = {**retrieval_reference(a, a_ids, t, t_ids, t_keys), **text_text_reference(t, t_ids, t_keys),
+                **diagnostics_reference(a, a_ids, t, t_ids)}  # fmt: skip
     for key, value in expected.items():
         assert results[f"test/synthetic/{key}"] == pytest.approx(float(value), abs=1e-4), key
 
@@ -227,8 +224,8 @@ def test_module_metrics_match_an_independent_recomputation(tested):
     with torch.no_grad():
         queries = module.embed(module.collate.backbone_collator(texts), "text")
     assert torch.equal(a_ids, torch.arange(len(a_ids)))  # row i is clip i, so triple positions index rows
-    expected = hard_negative_metrics(queries, a, torch.tensor([x.target for x in triples]),
-                                     torch.tensor([x.negative for x in triples]))  # fmt: skip
+    expected = hard_negative_reference(queries, a, torch.tensor([x.target for x in triples]),
+                                       torch.tensor([x.negative for x in triples]))  # fmt: skip
     for key, value in expected.items():
         assert results[f"test/synthetic_order/{key}"] == pytest.approx(float(value), abs=1e-4), key
 
@@ -236,7 +233,7 @@ def test_module_metrics_match_an_independent_recomputation(tested):
     answers, categories, names = qa_layout(records, "category")
     q, _, c, c_item, _, _, _ = embed_set(module, dataset("synthetic_qa", qa=(answers, categories)))
     first_choice = torch.searchsorted(c_item, torch.arange(len(records)))
-    expected = qa_accuracy(q, c, c_item, first_choice + torch.tensor(answers), torch.tensor(categories), names)
+    expected = qa_reference(q, c, c_item, first_choice + torch.tensor(answers), torch.tensor(categories), names)
     for key, value in expected.items():
         assert results[f"test/synthetic_qa/{key}"] == pytest.approx(float(value), abs=1e-4), key
 
@@ -256,7 +253,7 @@ def test_module_metrics_match_an_independent_recomputation(tested):
             per_prompt = module.embed(module.collate.backbone_collator(prompts), "text").view(len(classes), 2, -1)
         class_emb = torch.nn.functional.normalize(per_prompt.mean(1), dim=-1)
         targets = torch.tensor([[c in row for c in classes] for row in labels])
-        expected = zero_shot_metrics(audio, class_emb, targets, multi_label)
+        expected = zero_shot_reference(audio, class_emb, targets, multi_label)
         assert sorted(expected) == (["zs/mAP"] if multi_label else ["zs/top1", "zs/top5"])
         for key, value in expected.items():
             assert results[f"test/{name}/{key}"] == pytest.approx(float(value), abs=1e-4), key
@@ -295,7 +292,7 @@ def test_classification_set_definitions_and_bad_labels(tmp_path):
         classification_layout(read_manifest(str(tmp_path / "none.jsonl")))
 
 
-def test_query_types_are_checked_and_reported_per_type(tmp_path):
+def test_query_types_are_checked_and_reported_per_type(tmp_path, quiet_trainer, tiny_module):
     rows = [{"id": f"c{i}", "caption": [f"tone {i}", f"which tone is {i}?"], "query_type": ["keyphrase", "question"]}
             for i in range(4)]  # fmt: skip
     rows += [{"id": "c4", "caption": "tone 4", "query_type": "keyphrase"}, {"id": "c5", "caption": "x"}]
@@ -309,17 +306,15 @@ def test_query_types_are_checked_and_reported_per_type(tmp_path):
         query_type_layout(read_manifest(str(bad)), "caption")
     assert f"{bad}:1" in str(err.value)
 
-    torch.manual_seed(0)
-    module = EmbeddingModule(QwenOmniThinker(tiny=True), EmbTokenPooler())
+    module = tiny_module(manual_seed=0)
     dm = RetrievalDataModule(test_manifest=str(manifest), eval_batch_size=4)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     dm.bind(module.backbone.sampling_rate, module.collate)
-    trainer.test(module, datamodule=dm)
+    quiet_trainer().test(module, datamodule=dm)
     results = module.test_results
     module.eval()
     a, a_ids, t, t_ids, t_keys, _, _ = embed_set(module, EvalDataset(records, 16000, dm.eval_policy))
     types = torch.tensor([per_clip[key // 1000][key % 1000] for key in t_keys.tolist()])
-    expected = retrieval_metrics(a, a_ids, t, t_ids, t_keys, text_groups=types, group_names=names)
+    expected = retrieval_reference(a, a_ids, t, t_ids, t_keys, text_groups=types, group_names=names)
     metrics = ("R@1", "R@5", "R@10", "mAP@10", "medr", "meanr")
     assert {k for k in expected if k.count("/") == 2} == {f"t2a/{n}/{m}" for n in names for m in metrics}
     for key, value in expected.items():
@@ -358,21 +353,16 @@ def test_projector_logs_both_modalities(tested):
         assert all(text in by_id[clip].captions for _, clip, text in text_rows)
 
 
-def test_partial_evaluation_scores_the_hard_negatives_it_can(tmp_path):
-    torch.manual_seed(0)
-    module = EmbeddingModule(QwenOmniThinker(tiny=True), EmbTokenPooler())
-    dm = SyntheticDataModule(root=str(tmp_path / "data"), num_train=4, num_val=4, num_test=4, num_hard_pairs=4,
-                             batch_size=4, eval_batch_size=3)  # fmt: skip
-    trainer = pl.Trainer(accelerator="cpu", logger=False, limit_test_batches=1, enable_progress_bar=False,
-                         enable_model_summary=False)  # fmt: skip
-    dm.bind(module.backbone.sampling_rate, module.collate)
-    trainer.test(module, datamodule=dm)
+def test_partial_evaluation_scores_the_hard_negatives_it_can(tmp_path, quiet_trainer, synthetic_datamodule, tiny_module):
+    module = tiny_module(manual_seed=0)
+    dm = synthetic_datamodule(module, num_hard_pairs=4, eval_batch_size=3)
+    quiet_trainer(limit_test_batches=1).test(module, datamodule=dm)
     # the first batch holds clips 0-2 = pairs 0 (a, b) and half of pair 1: only pair 0's two triples count
     assert module.test_results["test/synthetic_order/n_queries"] == 2
     assert "test/synthetic_order/hn/HNSR@1" in module.test_results
 
 
-def test_speech_text_set_and_question_field(tmp_path):
+def test_speech_text_set_and_question_field(tmp_path, quiet_trainer, tiny_module):
     rows = [{"id": f"s{i}", "caption": f"transcript number {i}", "question": f"question {i}?", "answer": "x"}
             for i in range(6)]  # fmt: skip
     manifest = str(write_clips(tmp_path, rows))
@@ -384,33 +374,29 @@ def test_speech_text_set_and_question_field(tmp_path):
     qa_style = EvalDataset(records, 16000, AudioPolicy())
     assert qa_style[2]["query"].text == "question 2?"
 
-    torch.manual_seed(0)
-    module = EmbeddingModule(QwenOmniThinker(tiny=True), EmbTokenPooler())
+    module = tiny_module(manual_seed=0)
     dm = RetrievalDataModule(test_sets={"speech": EvalSet(manifest, task="speech_text", text_field="question")},
                              eval_batch_size=4)  # fmt: skip
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     dm.bind(module.backbone.sampling_rate, module.collate)
-    trainer.test(module, datamodule=dm)
+    quiet_trainer().test(module, datamodule=dm)
     results = module.test_results
     assert {k.split("/")[2] for k in results} == {"t2s", "s2t", "chance", "n_audios", "n_texts"}
     assert {k.split("/")[3] for k in results if "/chance/" in k} == {"t2s", "s2t"} and "test/t2a/R@1" not in results
     module.eval()
     a, a_ids, t, t_ids, t_keys, _, _ = embed_set(module, spoken)
-    expected = retrieval_metrics(a, a_ids, t, t_ids, t_keys, names=("t2s", "s2t"))
+    expected = retrieval_reference(a, a_ids, t, t_ids, t_keys, names=("t2s", "s2t"))
     for key, value in expected.items():
         assert results[f"test/speech/{key}"] == pytest.approx(float(value), abs=1e-4), key
 
 
-def test_several_validation_sets_feed_the_checkpoint_monitor(tmp_path):
+def test_several_validation_sets_feed_the_checkpoint_monitor(tmp_path, quiet_trainer, tiny_module):
     a = str(write_clips(tmp_path / "a", [{"id": f"a{i}", "caption": f"tone {i}"} for i in range(5)]))
     b = str(write_clips(tmp_path / "b", [{"id": f"b{i}", "caption": [f"tone {i}", f"pitch {i}"]} for i in range(4)]))
-    torch.manual_seed(0)
-    module = EmbeddingModule(QwenOmniThinker(tiny=True), EmbTokenPooler())
+    module = tiny_module(manual_seed=0)
     dm = RetrievalDataModule(train_manifest=a, val_sets={"first": EvalSet(a), "second": EvalSet(b, text_text=True)},
                              batch_size=5)  # fmt: skip
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="val/t2a/R@1", mode="max")
-    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, callbacks=[checkpoint],
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
+    trainer = quiet_trainer(max_steps=1, callbacks=[checkpoint], num_sanity_val_steps=0)
     dm.bind(module.backbone.sampling_rate, module.collate)
     trainer.fit(module, datamodule=dm)
     logged = {k: float(v) for k, v in trainer.callback_metrics.items()}

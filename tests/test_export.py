@@ -7,16 +7,15 @@ import pytest
 import soundfile as sf
 import torch
 
+import builders
 from datamodules.audio import load_audio
 from lightning_modules import (
     EmbeddingModule,
     EmbTokenPooler,
     LastTokenPooler,
     LinearHead,
-    MiDashengLMBackbone,
     ModalityHeads,
     PromptTemplates,
-    QwenOmniThinker,
 )
 from lightning_modules.adapters import LoraSettings
 from lightning_modules.tools.encoder import EmbeddingModel
@@ -45,7 +44,7 @@ def encode_all(model):
 
 @pytest.fixture(scope="module")
 def qwen_lora():
-    backbone = QwenOmniThinker(tiny=True, seed=3, prompts=PromptTemplates(system=None), lora=LoraSettings(r=4))
+    backbone = builders.tiny_qwen_backbone(seed=3, prompts=PromptTemplates(system=None), lora=LoraSettings(r=4))
     perturb_lora(backbone)
     module = EmbeddingModule(backbone, EmbTokenPooler(), LinearHead(16), InfoNCE(temperature=0.07))
     return module.eval()
@@ -78,12 +77,12 @@ def test_qwen_lora_export_is_bit_identical(qwen_lora, tmp_path):
         assert torch.equal(embeddings, expected[name]), name
 
 
-def test_adapter_loads_with_peft(qwen_lora, tmp_path):
+def test_adapter_loads_with_peft(qwen_lora, tmp_path, tiny_qwen_backbone):
     """The adapter files are peft's own format: PeftModel.from_pretrained reads them."""
     from peft import PeftModel
 
     export_model(qwen_lora, tmp_path)
-    plain = QwenOmniThinker(tiny=True, seed=3, prompts=PromptTemplates(system=None))
+    plain = tiny_qwen_backbone(seed=3, prompts=PromptTemplates(system=None))
     peft_model = PeftModel.from_pretrained(plain.language_model, str(tmp_path))
     lm = qwen_lora.backbone.language_model
     ours = {n.replace(".default", ""): p for n, p in lm.named_parameters() if "lora_" in n}
@@ -110,15 +109,13 @@ def test_qwen_merged_export(qwen_lora, tmp_path):
     assert not any(getattr(m, "merged", False) for m in qwen_lora.modules())
 
 
-def test_merge_needs_lora(tmp_path):
-    backbone = QwenOmniThinker(tiny=True)
+def test_merge_needs_lora(tmp_path, tiny_module):
     with pytest.raises(ValueError, match="no LoRA"):
-        export_model(EmbeddingModule(backbone, EmbTokenPooler()), tmp_path, merge_lora=True)
+        export_model(tiny_module(), tmp_path, merge_lora=True)
 
 
-def test_midashenglm_lora_export(tmp_path):
-    torch.manual_seed(0)
-    backbone = MiDashengLMBackbone(tiny=True, lora=LoraSettings(r=4), system_prompt=None)
+def test_midashenglm_lora_export(tmp_path, tiny_dasheng_backbone):
+    backbone = tiny_dasheng_backbone(manual_seed=0, lora=LoraSettings(r=4), system_prompt=None)
     perturb_lora(backbone)
     module = EmbeddingModule(backbone, LastTokenPooler(), ModalityHeads(8)).eval()
     export_model(module, tmp_path)

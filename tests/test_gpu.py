@@ -36,12 +36,11 @@ from dist_scripts.resume_run import (
     run,
     wait_until_waiting,
 )
+from builders import tiny_module, trainable_parts
 from dist_scripts.train_tiny import Record, examples, make_module
-from lightning_modules import EmbeddingModule, LastTokenPooler, LinearHead, MiDashengLMBackbone
 from lightning_modules.adapters import LoraSettings
 from callbacks.rng_state import capture_rng_state, restore_rng_state
 from lightning_modules.weights import trainable_state_dict
-from losses import InfoNCE
 from test_precision import module as precision_module
 from test_qlora import base_layers
 
@@ -101,10 +100,8 @@ def test_qlora_trains_on_cuda():
     """The tiny MiDashengLM with NF4 language-model linears (bf16 compute), quantised on the CPU and
     moved to the device by the Trainer: 8 bf16-mixed steps on one batch lower the loss (on CPU the
     same run goes from 1.36 to 0.53), and the packed 4-bit weights stay as they were."""
-    torch.manual_seed(0)
     lora = LoraSettings(r=4, dropout=0.0, quantize_4bit=True, compute_dtype="bfloat16")
-    model = EmbeddingModule(MiDashengLMBackbone(tiny=True, lora=lora), LastTokenPooler(), LinearHead(16),
-                            InfoNCE(learnable_temperature=True), learning_rate=1e-2)
+    model = tiny_module("midashenglm", manual_seed=0, backbone=dict(lora=lora), **trainable_parts(), learning_rate=1e-2)
     batch = model.collate(examples()[:4])
     layers = base_layers(model.backbone.language_model)
     packed = [plain(layer.weight) for layer in layers]

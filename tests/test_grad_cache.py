@@ -1,41 +1,22 @@
 """GradCache gives the gradients of the plain full-batch step."""
 
-import numpy as np
 import pytest
 import torch
 
-from lightning_modules import EmbeddingModule, EmbTokenPooler, LinearHead, QwenOmniThinker
+from builders import tiny_module, tone_pairs, trainable_parts
+from lightning_modules import EmbeddingModule
 from lightning_modules.adapters import LoraSettings
 from lightning_modules.grad_cache import RngState, split_inputs
-from datamodules.inputs import EmbedInput
-from losses import InfoNCE
-
-CAPTIONS = ["a low hum", "two short clicks", "a rising chirp", "a siren then a knock", "noise burst",
-            "three beeps", "a falling chirp followed by a buzz", "a chord"]
 
 
 def examples(n: int = 8) -> list[dict]:
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(n):
-        seconds = 0.4 + 0.15 * i
-        t = np.arange(int(seconds * 16000)) / 16000
-        wave = (0.3 * np.sin(2 * np.pi * (200 + 150 * i) * t) + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
-        out.append({"query": EmbedInput(audio=wave), "documents": [EmbedInput(text=CAPTIONS[i % len(CAPTIONS)])],
-                    "clip_index": i})
-    return out
+    return tone_pairs(n, seconds_step=0.15, pitch_step=150)
 
 
 def make_module(dropout: float, chunk: int) -> EmbeddingModule:
-    torch.manual_seed(0)
-    backbone = QwenOmniThinker(tiny=True, lora=LoraSettings(r=4, dropout=dropout))
-    module = EmbeddingModule(backbone, EmbTokenPooler(), LinearHead(16), InfoNCE(learnable_temperature=True),
-                             grad_cache_chunk_size=chunk)
     # LoRA B starts at zero; give the adapters non-trivial values so their gradients are exercised.
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.1)
+    module = tiny_module(manual_seed=0, backbone=dict(lora=LoraSettings(r=4, dropout=dropout)), **trainable_parts(),
+                         grad_cache_chunk_size=chunk, lora_b_std=0.1)
     return module.train()
 
 
@@ -97,4 +78,4 @@ def test_split_inputs_equals_collating_the_chunk_alone():
 
 def test_bad_chunk_size():
     with pytest.raises(ValueError, match="grad_cache_chunk_size"):
-        EmbeddingModule(QwenOmniThinker(tiny=True), EmbTokenPooler(), grad_cache_chunk_size=0)
+        tiny_module(grad_cache_chunk_size=0)

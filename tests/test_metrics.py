@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-import statistics
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from references import ranked, retrieval_reference, summary
 
 from lightning_modules import metrics
 from lightning_modules.metrics import (
@@ -23,57 +24,6 @@ from lightning_modules.metrics import (
 )
 
 KEYS = [f"{d}/{m}" for d in ("t2a", "a2t") for m in ("R@1", "R@5", "R@10", "mAP@10", "medr", "meanr")]
-
-
-# ---------------------------------------------------------------------------------------------
-# Brute-force reference: Python loops, float64 scores, ranking by an explicit sort key.
-# ---------------------------------------------------------------------------------------------
-
-
-def _ranked(candidates, score, relevant, tie_index):
-    """Candidates best first. Among equal scores irrelevant ones go first (pessimistic), and tied
-    relevant ones follow ``tie_index``."""
-    return sorted(candidates, key=lambda j: (-score[j], j in relevant, tie_index[j]))
-
-
-def _summary(best_ranks, average_precisions):
-    out = {f"R@{k}": 100 * sum(r <= k for r in best_ranks) / len(best_ranks) for k in (1, 5, 10)}
-    out["mAP@10"] = 100 * sum(average_precisions) / len(average_precisions)
-    out["medr"] = math.floor(statistics.median(best_ranks))
-    out["meanr"] = sum(best_ranks) / len(best_ranks)
-    return out
-
-
-def reference(audio_emb, audio_ids, text_emb, text_ids, text_keys, sort_ranks=True):
-    """Protocol of DESIGN.md section 5 written as directly as possible.
-
-    ``sort_ranks=False`` reproduces the LAION-CLAP mistake of pairing hit counts with captions in
-    annotation (key) order instead of rank order.
-    """
-    scores = (text_emb.double() @ audio_emb.double().T).tolist()  # [caption][audio]
-    audio_ids, text_ids, text_keys = audio_ids.tolist(), text_ids.tolist(), text_keys.tolist()
-    audios, texts = range(len(audio_ids)), range(len(text_ids))
-
-    t2a_ranks = []
-    for q in texts:
-        relevant = {i for i in audios if audio_ids[i] == text_ids[q]}
-        assert len(relevant) == 1
-        order = _ranked(audios, scores[q], relevant, list(audios))
-        t2a_ranks.append(order.index(next(iter(relevant))) + 1)
-    t2a = _summary(t2a_ranks, [1 / r if r <= 10 else 0.0 for r in t2a_ranks])
-
-    best, aps = [], []
-    for a in audios:
-        column = [scores[j][a] for j in texts]
-        relevant = {j for j in texts if text_ids[j] == audio_ids[a]}
-        order = _ranked(texts, column, relevant, text_keys)
-        ranks = [order.index(j) + 1 for j in sorted(relevant, key=lambda j: text_keys[j])]
-        if sort_ranks:
-            ranks = sorted(ranks)
-        aps.append(sum((i + 1) / r for i, r in enumerate(ranks) if r <= 10) / len(ranks))
-        best.append(min(ranks))
-    a2t = _summary(best, aps)
-    return {**{f"t2a/{k}": v for k, v in t2a.items()}, **{f"a2t/{k}": v for k, v in a2t.items()}}
 
 
 def model_values(result):
@@ -168,7 +118,7 @@ def feed_qa(metric, query_emb, item_index, choice_emb, choice_item, choice_key, 
 def test_matches_reference_on_random_unit_vectors(seed):
     g = torch.Generator().manual_seed(seed)
     data = make_dataset(num_audio=40, dim=16, captions=(5, 5), generator=g)
-    assert_matches(retrieval_metrics(*data, chunk_size=7), reference(*data))
+    assert_matches(retrieval_metrics(*data, chunk_size=7), retrieval_reference(*data))
 
 
 @pytest.fixture(params=["compare", "sort", "sparse"])
@@ -186,7 +136,7 @@ def test_matches_reference_with_many_ties_and_varying_captions(seed, levels, dup
     g = torch.Generator().manual_seed(100 + seed)
     # dim 3 with values in {-1, 0, 1} gives only a handful of distinct scores: ties everywhere.
     data = make_dataset(30, 3, (1, 5), g, levels=levels, duplicate_rows=duplicate_rows)
-    assert_matches(retrieval_metrics(*data, chunk_size=8), reference(*data))
+    assert_matches(retrieval_metrics(*data, chunk_size=8), retrieval_reference(*data))
 
 
 def test_matches_reference_with_many_captions_per_clip():
@@ -194,7 +144,7 @@ def test_matches_reference_with_many_captions_per_clip():
     g = torch.Generator().manual_seed(150)
     data = make_dataset(15, 2, (1, 12), g, levels=1, duplicate_rows=10)
     assert torch.unique(data[3], return_counts=True)[1].max() > metrics.COMPARE_MAX_SLOTS
-    assert_matches(retrieval_metrics(*data, chunk_size=4), reference(*data))
+    assert_matches(retrieval_metrics(*data, chunk_size=4), retrieval_reference(*data))
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -202,7 +152,7 @@ def test_matches_reference_on_tiny_sets(seed, counting):
     # Fewer than 10 candidates: padding slots of short caption lists must not count towards mAP@10.
     g = torch.Generator().manual_seed(200 + seed)
     data = make_dataset(int(torch.randint(1, 4, (1,), generator=g)), 2, (1, 4), g, levels=1)
-    assert_matches(retrieval_metrics(*data), reference(*data))
+    assert_matches(retrieval_metrics(*data), retrieval_reference(*data))
 
 
 def hand_example():
@@ -240,7 +190,7 @@ def test_hand_worked_example():
     }  # fmt: skip
     data = hand_example()
     assert_matches(retrieval_metrics(*data), expected)
-    assert reference(*data) == pytest.approx(expected)
+    assert retrieval_reference(*data) == pytest.approx(expected)
     metric = AudioTextRetrieval()
     metric.update(*data)
     result = metric.compute()
@@ -260,7 +210,7 @@ def test_map_sorts_relevant_ranks():
     # order (LAION-CLAP) gives AP = (1/4 + 2/1) / 2 = 1.125 instead of 0.75, so a2t mAP@10 would be
     # (1.125 + 5/12) / 2 * 100 = 77.08 rather than 58.33.
     data = hand_example()
-    unsorted = reference(*data, sort_ranks=False)["a2t/mAP@10"]
+    unsorted = retrieval_reference(*data, sort_ranks=False)["a2t/mAP@10"]
     assert unsorted == pytest.approx((1.125 + 5 / 12) / 2 * 100)
     assert retrieval_metrics(*data)["a2t/mAP@10"].item() == pytest.approx(175 / 3, abs=1e-4)
     assert abs(unsorted - 175 / 3) > 10
@@ -308,13 +258,13 @@ def test_query_types_match_reference(seed):
     ranks = []
     for q in range(text_ids.numel()):
         (target,) = [i for i in audios if audio_ids[i] == text_ids[q]]
-        ranks.append(_ranked(audios, scores[q], {target}, audios).index(target) + 1)
+        ranks.append(ranked(audios, scores[q], {target}, audios).index(target) + 1)
     for index, name in enumerate(names):
         mine = [r for r, group in zip(ranks, groups.tolist()) if group == index]
         if not mine:
             assert not any(k.startswith(f"t2a/{name}/") for k in result)
             continue
-        expected = _summary(mine, [1 / r if r <= 10 else 0.0 for r in mine])
+        expected = summary(mine, [1 / r if r <= 10 else 0.0 for r in mine])
         for key, value in expected.items():
             assert result[f"t2a/{name}/{key}"].item() == pytest.approx(value, abs=1e-4), (name, key)
     overall = retrieval_metrics(*data)
@@ -520,7 +470,7 @@ def test_two_process_gather_equals_single_process(tmp_path):
     data = _ddp_dataset()
     expected = retrieval_metrics(*data)
     assert all(torch.equal(gathered[k], expected[k]) for k in KEYS)
-    assert_matches(model_values(gathered), reference(*data))
+    assert_matches(model_values(gathered), retrieval_reference(*data))
     # the padded repeat of clip 0 is counted once
     assert (gathered["n_audios"].item(), gathered["n_texts"].item()) == (13, data[3].numel())
 

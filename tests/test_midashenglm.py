@@ -38,6 +38,8 @@ from lightning_modules.backbones.midashenglm import (
     audio_token_count,
     build_tiny_tokenizer,
 )
+import builders
+from builders import tiny_dasheng_model
 from datamodules.inputs import EmbedInput
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "midashenglm_7b_official.json").read_text())
@@ -113,19 +115,11 @@ def test_log_mel_ignores_bf16_autocast():
 
 # ----------------------------------------------------------------------------- tiny model helpers
 def tiny_model(seed: int = 0) -> MiDashengLM:
-    torch.manual_seed(seed)
-    model = MiDashengLM(MiDashengLMConfig.tiny()).eval()
-    # Non-trivial BatchNorm statistics so that a loader that forgot them would be caught.
-    bn = model.audio_encoder.init_bn
-    bn.running_mean.uniform_(-20.0, 0.0)
-    bn.running_var.uniform_(50.0, 150.0)
-    return model
+    return tiny_dasheng_model(seed)
 
 
 def tiny_backbone(seed: int = 0) -> MiDashengLMBackbone:
-    torch.manual_seed(seed)
-    backbone = MiDashengLMBackbone(tiny=True)
-    return backbone.eval()
+    return builders.tiny_dasheng_backbone(manual_seed=seed).eval()
 
 
 def clip(seconds: float, seed: int) -> np.ndarray:
@@ -374,7 +368,7 @@ def test_7b_on_meta_matches_published_config_and_tensor_counts():
     assert abs(4 * parameters / 1e9 - FIXTURE["fp32_checkpoint"]["approx_total_gb"]) < 1.0
 
 
-def test_only_decoder_can_train_and_audio_path_stays_in_eval():
+def test_only_decoder_can_train_and_audio_path_stays_in_eval(tiny_dasheng_backbone):
     backbone = tiny_backbone()
     backbone.train()
     assert backbone.training and backbone.language_model.training
@@ -390,7 +384,7 @@ def test_only_decoder_can_train_and_audio_path_stays_in_eval():
     assert torch.equal(stats, backbone.audio_encoder.init_bn.running_mean)
     assert backbone.language_model.layers[0].self_attn.q_proj.weight.grad is not None
 
-    unfrozen = MiDashengLMBackbone(tiny=True, freeze_audio_encoder=False).train()
+    unfrozen = tiny_dasheng_backbone(freeze_audio_encoder=False).train()
     assert unfrozen.audio_encoder.training
     assert all(p.requires_grad for p in unfrozen.audio_encoder.parameters())
 
@@ -420,13 +414,13 @@ def test_prompt_format_final_token_and_pickling():
 
 
 @torch.no_grad()
-def test_text_only_batch_has_no_audio_and_bfloat16_runs():
+def test_text_only_batch_has_no_audio_and_bfloat16_runs(tiny_dasheng_backbone):
     backbone = tiny_backbone()
     batch = backbone.collator()([EmbedInput(text="a dog barks"), EmbedInput(text="music plays")])
     assert set(batch) == {"input_ids", "attention_mask"}
     assert backbone(batch).hidden_states.shape[-1] == backbone.hidden_size == 32
 
-    half = MiDashengLMBackbone(tiny=True, dtype="bfloat16").eval()
+    half = tiny_dasheng_backbone(dtype="bfloat16").eval()
     out = half(half.collator()([EmbedInput(audio=clip(1.2, 1), text="rain")]))
     assert out.hidden_states.dtype == torch.bfloat16 and torch.isfinite(out.hidden_states.float()).all()
 

@@ -9,17 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from builders import trainable_parts
 from datamodules import RetrievalDataModule
-from lightning_modules import (
-    BagOfWordsGuide,
-    EmbeddingModule,
-    EmbTokenPooler,
-    LastTokenPooler,
-    LinearHead,
-    LoraSettings,
-    MiDashengLMBackbone,
-    QwenOmniThinker,
-)
+from lightning_modules import BagOfWordsGuide, EmbeddingModule, LinearHead, LoraSettings
 from datamodules.inputs import EmbedInput
 from lightning_modules.finetune import warmup_cosine
 from lightning_modules.weights import trainable_state_dict
@@ -50,9 +42,8 @@ def batch_of(module, captions, tags=None):
     return module.collate(examples)
 
 
-def test_guide_scores_reach_the_masker():
-    module = EmbeddingModule(QwenOmniThinker(tiny=True), EmbTokenPooler(),
-                             loss=InfoNCE(masker=GuideModelMasker(margin=0.1)), guide=BagOfWordsGuide())
+def test_guide_scores_reach_the_masker(tiny_module):
+    module = tiny_module(loss=InfoNCE(masker=GuideModelMasker(margin=0.1)), guide=BagOfWordsGuide())
     captions = ["a low hum then two clicks", "two clicks then a low hum", "a siren", "a rising chirp"]
     batch = batch_of(module, captions)
     info = module.batch_info(batch)
@@ -64,18 +55,19 @@ def test_guide_scores_reach_the_masker():
     assert out.logs["masked_fraction"] == pytest.approx(2 / 12)
 
 
-def test_tag_clusters_from_file(tmp_path):
+def test_tag_clusters_from_file(tmp_path, tiny_module):
     path = tmp_path / "clusters.json"
     path.write_text('{"dog": {"cluster_index": 3}, "barking": {"cluster_index": 3}, "sound": {"cluster_index": null}}')
-    module = EmbeddingModule(QwenOmniThinker(tiny=True), EmbTokenPooler(), tag_cluster_file=str(path))
+    module = tiny_module(tag_cluster_file=str(path))
     batch = batch_of(module, ["dog", "barking", "cat"], tags=[["dog"], ["barking", "sound"], ["cat"]])
     clusters = module.batch_info(batch).tag_clusters
     assert clusters[0] == clusters[1] == frozenset({3}) and clusters[2] != clusters[0]
 
 
-def test_alm2vec_setup_trains_only_lora_qkv_head_and_temperature():
-    backbone = MiDashengLMBackbone(tiny=True, freeze_audio_encoder=True, lora=LoraSettings(r=4))
-    module = EmbeddingModule(backbone, LastTokenPooler(), LinearHead(16), InfoNCE(learnable_temperature=True))
+def test_alm2vec_setup_trains_only_lora_qkv_head_and_temperature(tiny_module):
+    module = tiny_module("midashenglm", backbone=dict(freeze_audio_encoder=True, lora=LoraSettings(r=4)),
+                         **trainable_parts())
+    backbone = module.backbone
     names = [n for n, p in module.named_parameters() if p.requires_grad]
     pattern = re.compile(r"backbone\.model\.decoder\.model\.layers\.\d+\.self_attn\.[qkv]_proj\.lora_[AB]\.default\.weight")
     assert all(pattern.fullmatch(n) or n.startswith("head.") or n == "loss.temperature.log_scale" for n in names), names
@@ -118,8 +110,8 @@ def test_stage1_to_stage2_hand_over(tmp_path):
                 assert torch.equal(p, frozen1[name]), name
 
 
-def test_init_from_rejects_mismatched_weights(tmp_path):
+def test_init_from_rejects_mismatched_weights(tmp_path, tiny_module):
     path = tmp_path / "bad.safetensors"
     save_file({"head.proj.weight": torch.zeros(3, 3)}, str(path))
     with pytest.raises(ValueError, match="missing .*unexpected|wrong shape"):
-        EmbeddingModule(QwenOmniThinker(tiny=True), EmbTokenPooler(), LinearHead(3), init_from=str(path))
+        tiny_module(head=LinearHead(3), init_from=str(path))

@@ -8,24 +8,21 @@ import torch
 from lightning import Callback, Trainer
 from torch.utils.data import DataLoader
 
+from builders import quiet_trainer, tiny_module, tone_pairs, trainable_parts
 from callbacks import NonFiniteGuard
-from dist_scripts.train_tiny import examples
-from lightning_modules import EmbeddingModule, EmbTokenPooler, LinearHead, LoraSettings, QwenOmniThinker
+from lightning_modules import EmbeddingModule, LoraSettings
 from datamodules.inputs import EmbedInput
-from losses import InfoNCE
 
 POISONED = 1  # index of the batch with a NaN waveform
 
 
 def make_module(grad_cache: int | None) -> EmbeddingModule:
-    torch.manual_seed(0)
-    backbone = QwenOmniThinker(tiny=True, lora=LoraSettings(r=4, dropout=0.0))
-    return EmbeddingModule(backbone, EmbTokenPooler(), LinearHead(16), InfoNCE(learnable_temperature=True),
-                           learning_rate=1e-3, grad_cache_chunk_size=grad_cache)
+    return tiny_module(manual_seed=0, backbone=dict(lora=LoraSettings(r=4, dropout=0.0)), **trainable_parts(),
+                       learning_rate=1e-3, grad_cache_chunk_size=grad_cache)
 
 
 def batches(module: EmbeddingModule) -> list[dict]:
-    items = examples()
+    items = tone_pairs()
     for i, item in enumerate(items):
         item["clip_id"] = f"clip{i:02d}"
     wave = items[3]["query"].audio.copy()
@@ -65,9 +62,8 @@ class Snapshots(Callback):
 
 
 def fit(module: EmbeddingModule, tmp_path, guard: NonFiniteGuard, callbacks=()) -> Trainer:
-    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                      callbacks=[guard, *callbacks])
+    trainer = quiet_trainer(max_epochs=1, enable_checkpointing=False, default_root_dir=tmp_path,
+                            callbacks=[guard, *callbacks])
     trainer.fit(module, train_dataloaders=DataLoader(batches(module), batch_size=None))
     return trainer
 
@@ -108,9 +104,8 @@ def test_every_process_takes_the_same_decision(tmp_path, monkeypatch):
         return False
 
     snapshots = Snapshots()
-    trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                      callbacks=[guard, snapshots])
+    trainer = quiet_trainer(max_steps=1, enable_checkpointing=False, default_root_dir=tmp_path,
+                            callbacks=[guard, snapshots])
     monkeypatch.setattr(trainer.strategy, "reduce_boolean_decision", reduce_boolean_decision)
     trainer.fit(module, train_dataloaders=DataLoader(batches(module)[:1], batch_size=None))
     assert decisions == [(True, True)]

@@ -5,33 +5,25 @@ import torch
 from lightning import Trainer
 from torch.utils.data import DataLoader
 
-from dist_scripts.train_tiny import examples
-from lightning_modules import EmbeddingModule, EmbTokenPooler, LastTokenPooler, LinearHead, MiDashengLMBackbone
-from lightning_modules import QwenOmniThinker
+from builders import quiet_trainer, tiny_module, tone_pairs, trainable_parts
+from lightning_modules import EmbeddingModule
 from lightning_modules.adapters import LoraSettings
-from losses import InfoNCE
 
 LORA = LoraSettings(r=4, dropout=0.0)
 
 
+def examples() -> list[dict]:
+    return tone_pairs()
+
+
 def module(kind: str, **backbone_options) -> EmbeddingModule:
-    torch.manual_seed(0)
-    if kind == "qwen":
-        backbone, pooler = QwenOmniThinker(tiny=True, lora=LORA, **backbone_options), EmbTokenPooler()
-    else:
-        backbone, pooler = MiDashengLMBackbone(tiny=True, lora=LORA, **backbone_options), LastTokenPooler()
-    model = EmbeddingModule(backbone, pooler, LinearHead(16), InfoNCE(learnable_temperature=True))
     # LoRA B starts at zero, which leaves A without gradient.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.1)
-    return model
+    return tiny_module(kind, manual_seed=0, backbone=dict(lora=LORA, **backbone_options), **trainable_parts(),
+                       lora_b_std=0.1)
 
 
 def fit(model: EmbeddingModule, precision: str, steps: int = 1) -> Trainer:
-    trainer = Trainer(accelerator="cpu", precision=precision, max_steps=steps, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = quiet_trainer(precision=precision, max_steps=steps, enable_checkpointing=False, num_sanity_val_steps=0)
     trainer.fit(model, DataLoader([model.collate(examples()[:2])] * steps, batch_size=None))
     return trainer
 

@@ -15,8 +15,9 @@ from safetensors import safe_open
 from callbacks.hparams import HyperparameterSummary, flatten_config
 from datamodules import AudioPolicy, EvalDataset, read_manifest
 from lightning_modules.tools.encoder import EmbeddingModel, load_embedding_module
-from lightning_modules.tools.search import ids_path, topk_search
+from lightning_modules.tools.search import ids_path
 from main import main
+from references import topk_reference
 
 CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
 
@@ -88,11 +89,16 @@ def test_search_cli_on_predicted_files(run, tmp_path):
     tensors = read(run.embeddings)
     ids = json.loads(ids_path(run.embeddings).read_text())
     assert len(lines) == tensors["text"].shape[0]
-    scores, indices = topk_search(tensors["text"], tensors["audio"], 3)
-    for line, row_scores, row_indices, query_id in zip(lines, scores, indices, ids["text"]["ids"]):
-        assert line["query"] == query_id
-        assert [r["id"] for r in line["results"]] == [ids["audio"]["ids"][i] for i in row_indices]
-        np.testing.assert_allclose([r["score"] for r in line["results"]], row_scores.numpy(), rtol=1e-6)
+    # Against the float64 brute-force ranking of every clip: each result's score is its float64 score,
+    # and the results are the 3 best scores in order (a float32 near-tie may swap two ids, not scores).
+    all_scores, all_indices = topk_reference(tensors["text"], tensors["audio"], tensors["audio"].shape[0])
+    row_of = {clip: row for row, clip in enumerate(ids["audio"]["ids"])}
+    for line, row_scores, row_indices, query_id in zip(lines, all_scores, all_indices, ids["text"]["ids"]):
+        assert line["query"] == query_id and len(line["results"]) == 3
+        exact = {index: score for index, score in zip(row_indices, row_scores)}
+        got = [r["score"] for r in line["results"]]
+        np.testing.assert_allclose(got, [exact[row_of[r["id"]]] for r in line["results"]], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got, row_scores[:3], rtol=0, atol=1e-6)
 
 
 def test_hparams_reach_tensorboard(run):

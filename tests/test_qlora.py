@@ -12,28 +12,23 @@ import pytest
 import torch
 from torch import nn
 
-from dist_scripts.train_tiny import examples
-from lightning_modules import EmbeddingModule, EmbTokenPooler, LastTokenPooler, LinearHead, MiDashengLMBackbone
-from lightning_modules import QwenOmniThinker
+from builders import tiny_dasheng_model, tiny_module, tone_pairs, trainable_parts
+from lightning_modules import EmbeddingModule, MiDashengLMBackbone, QwenOmniThinker
 from lightning_modules.adapters import LoraSettings, local_device, quantize_linear_4bit
 from lightning_modules.backbones.qwen_omni import tiny_components
-from losses import InfoNCE
 
 QLORA = LoraSettings(r=4, dropout=0.0, quantize_4bit=True, compute_dtype="float32")
 #: the linear layers of a Qwen2.5 decoder layer; LoRA wraps q/k/v, keeping the original as base_layer.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def backbone(kind: str, **kwargs):
-    torch.manual_seed(0)
-    if kind == "qwen":
-        return QwenOmniThinker(tiny=True, freeze_audio_encoder=True, **kwargs)
-    return MiDashengLMBackbone(tiny=True, **kwargs)
+def examples() -> list[dict]:
+    return tone_pairs()
 
 
 def module(kind: str, lora: LoraSettings = QLORA) -> EmbeddingModule:
-    pooler = EmbTokenPooler() if kind == "qwen" else LastTokenPooler()
-    return EmbeddingModule(backbone(kind, lora=lora), pooler, LinearHead(16), InfoNCE(learnable_temperature=True))
+    frozen = {"freeze_audio_encoder": True} if kind == "qwen" else {}
+    return tiny_module(kind, manual_seed=0, backbone=dict(lora=lora, **frozen), **trainable_parts())
 
 
 def base_layers(language_model: nn.Module) -> list[nn.Module]:
@@ -124,9 +119,9 @@ def test_qwen_from_pretrained_loads_nf4(tmp_path):
 
 
 def test_midashenglm_loader_quantises_after_loading(tmp_path):
-    from test_midashenglm import tiny_model, write_official_checkpoint
+    from test_midashenglm import write_official_checkpoint
 
-    write_official_checkpoint(tiny_model(), tmp_path)
+    write_official_checkpoint(tiny_dasheng_model(), tmp_path)
     loaded = MiDashengLMBackbone(name_or_path=str(tmp_path), lora=QLORA)
     assert_quantised(loaded, QLORA)
     assert_runs_where_quantised(loaded)

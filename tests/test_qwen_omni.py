@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import Qwen2_5OmniConfig
 
+import builders
 from lightning_modules.backbones.qwen_omni import (
     AUDIO_TOKEN,
     PromptTemplates,
@@ -29,7 +30,7 @@ def wave(seconds: float, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def backbone():
-    return QwenOmniThinker(tiny=True).eval()
+    return builders.tiny_qwen_backbone().eval()
 
 
 def test_placeholder_formula_matches_audio_tower(backbone):
@@ -130,10 +131,10 @@ def _save_official_layout(directory: str) -> tuple:
     return model, tokenizer, feature_extractor
 
 
-def test_real_loading_path_reads_full_omni_checkpoint(tmp_path):
+def test_real_loading_path_reads_full_omni_checkpoint(tmp_path, tiny_qwen_backbone):
     reference, _, _ = _save_official_layout(str(tmp_path))
     loaded = QwenOmniThinker(name_or_path=str(tmp_path)).eval()
-    tiny = QwenOmniThinker(tiny=True, seed=3).eval()
+    tiny = tiny_qwen_backbone(seed=3).eval()
     items = [EmbedInput(audio=wave(1.1)), EmbedInput(text="a rising chirp then a click")]
     batch_loaded = loaded.collator()(items)
     batch_tiny = tiny.collator()(items)
@@ -182,9 +183,9 @@ def _audio_only_processor(collate):
     )  # fmt: skip
 
 
-def test_parity_with_official_processor():
+def test_parity_with_official_processor(tiny_qwen_backbone):
     # A fresh backbone: the processor sets the special-token attributes it reads on the tokenizer.
-    collate = QwenOmniThinker(tiny=True).collator()
+    collate = tiny_qwen_backbone().collator()
     processor = _audio_only_processor(collate)
     # Different lengths (one longer than a 2 s chunk), audio with text, and a text-only item among them.
     items = [

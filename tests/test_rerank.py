@@ -1,5 +1,5 @@
 """The re-ranker: losses against their formulas, label-free fusion, metrics of a score matrix against the
-embedding metric, the shared-prefix path against the plain one, training groups and bad input."""
+brute-force references, the shared-prefix path against the plain one, training groups and bad input."""
 
 import math
 
@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.rerank import RerankCollator, RerankPrompts
-from lightning_modules import MiDashengLMBackbone, QwenOmniThinker, RerankModule
-from lightning_modules.metrics import retrieval_metrics, score_matrix_metrics
+from builders import tiny_backbone
+from lightning_modules import QwenOmniThinker, RerankModule
+from lightning_modules.metrics import score_matrix_metrics
+from references import retrieval_reference, score_matrix_reference
 from lightning_modules.rerank import fuse, last_positions
 from losses import ListwiseSoftmax, PointwiseYesNo, RerankScores
 
@@ -68,19 +70,33 @@ def test_losses_run_in_float32_under_autocast():
 # ---------- fusion and metrics ----------
 
 
-def test_score_matrix_metrics_equal_the_embedding_metrics():
+def test_score_matrix_metrics_match_the_retrieval_reference():
     g = torch.Generator().manual_seed(0)
     audio = F.normalize(torch.randn(12, 8, generator=g), dim=-1)
     text = F.normalize(audio.repeat_interleave(5, 0) + 0.9 * torch.randn(60, 8, generator=g), dim=-1)
-    # exact ties: round the scores the streaming engine and the matrix path both see
+    # exact ties: round the embeddings to quarters, so float32 and float64 scores are the same numbers
     audio, text = (audio * 4).round() / 4, (text * 4).round() / 4
     clip = torch.arange(12).repeat_interleave(5)
-    expected = retrieval_metrics(audio, torch.arange(12), text, clip)
+    expected = retrieval_reference(audio, torch.arange(12), text, clip)
     relevant = clip[:, None] == torch.arange(12)[None, :]
     got = {**score_matrix_metrics(text @ audio.T, relevant, "t2a"), **score_matrix_metrics(audio @ text.T, relevant.T, "a2t")}
     assert got.keys() == expected.keys()
     for key in expected:
-        assert got[key].item() == pytest.approx(expected[key].item(), abs=1e-4), key
+        assert got[key].item() == pytest.approx(expected[key], abs=1e-4), key
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_score_matrix_metrics_with_any_relevance_and_ties(seed):
+    """Queries with 1 to 12 relevant candidates out of 15, scores on a coarse grid (many exact ties)."""
+    g = torch.Generator().manual_seed(10 + seed)
+    scores = torch.randint(-3, 4, (9, 15), generator=g).float() / 4
+    relevant = torch.rand(9, 15, generator=g) < torch.linspace(0.05, 0.8, 9)[:, None]
+    relevant[torch.arange(9), torch.randint(0, 15, (9,), generator=g)] = True  # every query has one
+    got = score_matrix_metrics(scores, relevant, "m", chunk_size=4)
+    expected = score_matrix_reference(scores, relevant, "m")
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        assert got[key].item() == pytest.approx(value, abs=1e-4), key
 
 
 def test_fusion_adds_alpha_p_to_every_top_k_candidate_and_reads_no_labels():
@@ -103,10 +119,10 @@ def test_fusion_adds_alpha_p_to_every_top_k_candidate_and_reads_no_labels():
     assert score_matrix_metrics(fused, relevant, "x") != score_matrix_metrics(fused, permuted, "x")
 
 
-def test_evaluation_is_label_free_end_to_end(monkeypatch):
+def test_evaluation_is_label_free_end_to_end(monkeypatch, tiny_reranker_backbone):
     """Through the module's evaluation: the same clips and the same caption texts in the same order,
     but the captions owned by other clips (other relevance labels), give the same fused scores."""
-    module = RerankModule(QwenOmniThinker(tiny=True, lm_head=True, emb_token=None), k=3, alpha_t2a=0.5, alpha_a2t=0.5)
+    module = RerankModule(tiny_reranker_backbone(), k=3, alpha_t2a=0.5, alpha_a2t=0.5)
     texts = [f"{caption} {i}" for i in range(2) for caption in CAPTIONS]
 
     def clips(counts: list[int]) -> list[dict]:
@@ -139,10 +155,8 @@ def test_evaluation_is_label_free_end_to_end(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["qwen", "midashenglm"])
-def test_shared_prefix_scores_equal_the_plain_path(kind):
-    torch.manual_seed(0)
-    backbone = (QwenOmniThinker(tiny=True, lm_head=True, emb_token=None) if kind == "qwen"
-                else MiDashengLMBackbone(tiny=True))  # fmt: skip
+def test_shared_prefix_scores_equal_the_plain_path(kind, tiny_reranker_backbone):
+    backbone = tiny_reranker_backbone(manual_seed=0) if kind == "qwen" else tiny_backbone(kind, manual_seed=0)
     module = RerankModule(backbone, k=3).eval()
     pairs = [PROMPTS.pair("a2t", wave(0), caption) for caption in CAPTIONS]
     inputs = module.collate.backbone_collator(pairs)
@@ -155,9 +169,8 @@ def test_shared_prefix_scores_equal_the_plain_path(kind):
     torch.testing.assert_close(cached.log_normaliser, plain.log_normaliser, atol=1e-5, rtol=0)
 
 
-def test_prompts_put_the_audio_where_the_direction_needs_it():
-    backbone = QwenOmniThinker(tiny=True, lm_head=True, emb_token=None)
-    collator = backbone.collator(generation_prompt=True)
+def test_prompts_put_the_audio_where_the_direction_needs_it(tiny_reranker_backbone):
+    collator = tiny_reranker_backbone().collator(generation_prompt=True)
     a2t, t2a = PROMPTS.pair("a2t", wave(0), "rain"), PROMPTS.pair("t2a", wave(0), "rain")
     text_a2t, text_t2a = collator.prompts.render(a2t, True), collator.prompts.render(t2a, True)
     assert text_a2t.index("<|audio_bos|>") < text_a2t.index("Candidate:") < text_a2t.index("rain")
@@ -183,15 +196,15 @@ def test_training_groups_put_the_positive_first():
     assert all("rain" in p.text for p in prompts[3:])
 
 
-def test_a_module_without_lm_head_or_with_a_bad_k_is_refused():
+def test_a_module_without_lm_head_or_with_a_bad_k_is_refused(tiny_reranker_backbone):
     with pytest.raises(ValueError, match="lm_head"):
         RerankModule(QwenOmniThinker(tiny=True))
     with pytest.raises(ValueError, match="k must"):
-        RerankModule(QwenOmniThinker(tiny=True, lm_head=True, emb_token=None), k=0)
+        RerankModule(tiny_reranker_backbone(), k=0)
 
 
-def test_k_above_the_candidate_count_names_it(monkeypatch):
-    module = RerankModule(QwenOmniThinker(tiny=True, lm_head=True, emb_token=None), k=4)
+def test_k_above_the_candidate_count_names_it(monkeypatch, tiny_reranker_backbone):
+    module = RerankModule(tiny_reranker_backbone(), k=4)
     monkeypatch.setattr(module, "_embed_set", lambda waves, captions: (torch.eye(3), torch.eye(3)))
     module._clips = [{"clip_id": f"c{i}", "clip_index": i, "audio": wave(i), "captions": [CAPTIONS[i]]} for i in range(3)]
     with pytest.raises(ValueError, match="k = 4 exceeds the 3 candidates"):

@@ -21,6 +21,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from builders import tiny_backbone
 from callbacks import SkippedSampleReport
 from datamodules.audio import AudioPolicy
 from datamodules.check import main as check_data
@@ -41,9 +42,7 @@ LONG_CAPTION = ("A dog barks while a café door creaks open; rain (雨) falls on
 
 @pytest.fixture(scope="module", params=["qwen_omni", "midashenglm"])
 def backbone(request):
-    if request.param == "qwen_omni":
-        return QwenOmniThinker(tiny=True)
-    return MiDashengLMBackbone(tiny=True)
+    return tiny_backbone("qwen" if request.param == "qwen_omni" else "midashenglm")
 
 
 def token_ids(tokenizer, text: str) -> list[int]:
@@ -89,7 +88,7 @@ def test_every_side_of_a_pair_is_cut_and_counted(backbone):
     assert batch["query"]["attention_mask"][1].sum() == untruncated["attention_mask"][0].sum()
 
 
-def test_a_prompt_over_the_limit_names_the_row(tmp_path):
+def test_a_prompt_over_the_limit_names_the_row(tmp_path, tiny_qwen_backbone):
     """Long audio (30 s: 750 audio tokens on the Qwen thinker) with a long question; the error comes
     from the collator, before the model sees anything."""
     seconds = {"short": 1.0, "long": 30.0}
@@ -100,7 +99,7 @@ def test_a_prompt_over_the_limit_names_the_row(tmp_path):
     manifest = tmp_path / "qa.jsonl"
     manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
     dataset = EvalDataset(read_jsonl(str(manifest)), RATE, AudioPolicy(30.0))
-    collate = PairCollator(QwenOmniThinker(tiny=True, max_prompt_tokens=700).collator())
+    collate = PairCollator(tiny_qwen_backbone(max_prompt_tokens=700).collator())
     collate([dataset[0]])  # the short clip fits
     with pytest.raises(PromptTooLongError, match=rf"{manifest}:2 \(clip 'long'\), query side: prompt of \d+ tokens "
                        "exceeds max_prompt_tokens=700") as info:  # fmt: skip
@@ -108,12 +107,12 @@ def test_a_prompt_over_the_limit_names_the_row(tmp_path):
     assert info.value.index == 1 and info.value.tokens > 750
 
 
-def test_limits_are_checked():
+def test_limits_are_checked(tiny_qwen_backbone):
     with pytest.raises(ValueError, match="max_text_tokens must be >= 1 or null"):
         QwenOmniThinker(tiny=True, max_text_tokens=0)
     with pytest.raises(ValueError, match="max_prompt_tokens must be >= 1 or null"):
         MiDashengLMBackbone(tiny=True, max_prompt_tokens=-1)
-    collate = QwenOmniThinker(tiny=True, max_text_tokens=None, max_prompt_tokens=None).collator()
+    collate = tiny_qwen_backbone(max_text_tokens=None, max_prompt_tokens=None).collator()
     assert collate.truncate([EmbedInput(text=LONG_CAPTION)])[1] == 0
 
 
@@ -189,7 +188,7 @@ def test_the_report_logs_the_truncated_inputs(tmp_path, capsys):
     assert "truncated texts (train, epoch 0): 0 query-side and 6 document-side inputs" in capsys.readouterr().out
 
 
-def test_check_data_warns_about_texts_over_the_limit(tmp_path, capsys):
+def test_check_data_warns_about_texts_over_the_limit(tmp_path, capsys, tiny_qwen_backbone):
     """Counted with the backbone's tokenizer, here the tiny thinker's saved to a directory (as a real
     checkpoint ships it) and named with ``--tokenizer``; without it a tiny backbone's texts are not
     counted, and the report says so."""
@@ -200,7 +199,7 @@ def test_check_data_warns_about_texts_over_the_limit(tmp_path, capsys):
         "data": {"class_path": "RetrievalDataModule", "init_args": {"train_manifest": str(manifest)}},
     }))  # fmt: skip
     tokenizer_dir = tmp_path / "tokenizer"
-    tokenizer = QwenOmniThinker(tiny=True).collator().tokenizer
+    tokenizer = tiny_qwen_backbone().collator().tokenizer
     tokenizer.save_pretrained(tokenizer_dir)
     tokens = len(token_ids(tokenizer, LONG_CAPTION))
 

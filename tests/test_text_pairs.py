@@ -13,7 +13,8 @@ from datamodules.audio import AudioPolicy
 from datamodules.datasets import EvalDataset, PairDataset
 from datamodules.inputs import EmbedInput
 from datamodules.manifest import ClipRecord
-from lightning_modules import EmbeddingModule, EmbTokenPooler, IdentityHead, QwenOmniThinker
+from builders import tiny_module
+from lightning_modules import IdentityHead
 from lightning_modules.adapters import LoraSettings
 from losses import BatchInfo, InfoNCE
 
@@ -55,9 +56,8 @@ def test_text_pairs_are_not_evaluation_rows():
 
 @pytest.fixture(scope="module")
 def module():
-    torch.manual_seed(0)
-    backbone = QwenOmniThinker(tiny=True, lora=LoraSettings(r=4))
-    module = EmbeddingModule(backbone, EmbTokenPooler(), IdentityHead(), InfoNCE(temperature=0.05, directions="q2d"))
+    module = tiny_module(manual_seed=0, backbone=dict(lora=LoraSettings(r=4)), head=IdentityHead(),
+                         loss=InfoNCE(temperature=0.05, directions="q2d"))
     return module.train()
 
 
@@ -95,10 +95,9 @@ def test_training_loss_uses_every_negative(module):
 
 
 def lora_module(r, alpha, init_from=None, merge=False):
-    torch.manual_seed(0)  # the same tiny base weights in both stages, as a real checkpoint gives
-    backbone = QwenOmniThinker(tiny=True, lora=LoraSettings(r=r, alpha=alpha))
-    return EmbeddingModule(backbone, EmbTokenPooler(), IdentityHead(), InfoNCE(), init_from=init_from,
-                           init_merge_lora=merge).eval()
+    # manual_seed: the same tiny base weights in both stages, as a real checkpoint gives
+    return tiny_module(manual_seed=0, backbone=dict(lora=LoraSettings(r=r, alpha=alpha)), head=IdentityHead(),
+                       loss=InfoNCE(), init_from=init_from, init_merge_lora=merge).eval()
 
 
 def test_hand_over_merges_the_text_stage_adapters_into_the_next_stage(tmp_path):

@@ -10,7 +10,8 @@ from fractions import Fraction
 
 import pytest
 import torch
-from test_metrics import _ranked, integer_rows, make_dataset
+from references import zero_shot_reference as reference_zero_shot
+from test_metrics import integer_rows, make_dataset
 
 from lightning_modules import chance
 from lightning_modules.metrics import (
@@ -24,28 +25,6 @@ from lightning_modules.metrics import (
 # ---------------------------------------------------------------------------------------------
 # Zero-shot metrics
 # ---------------------------------------------------------------------------------------------
-
-
-def reference_zero_shot(audio_emb, class_emb, targets, multi_label, ks=(1, 5)):
-    """CLAP's protocol written directly: float64 scores, ties against the model."""
-    scores = (audio_emb.double() @ class_emb.double().T).tolist()
-    labels = targets.tolist()
-    clips, classes = range(len(scores)), range(len(scores[0]))
-    if not multi_label:
-        ranks = []
-        for i in clips:
-            (y,) = [c for c in classes if labels[i][c]]
-            ranks.append(1 + sum(1 for c in classes if c != y and scores[i][c] >= scores[i][y]))
-        return {f"zs/top{k}": 100 * sum(r <= k for r in ranks) / len(ranks) for k in ks}
-    aps = []
-    for c in classes:
-        positives = {i for i in clips if labels[i][c]}
-        if not positives:
-            continue
-        order = _ranked(list(clips), [scores[i][c] for i in clips], positives, list(clips))
-        ranks = sorted(order.index(i) + 1 for i in positives)
-        aps.append(sum((t + 1) / r for t, r in enumerate(ranks)) / len(ranks))
-    return {"zs/mAP": 100 * sum(aps) / len(aps)}
 
 
 def classification_data(seed, num_clips=40, num_classes=7, multi_label=False, dim=3):

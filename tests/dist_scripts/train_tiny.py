@@ -20,7 +20,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from lightning import Callback, Trainer
@@ -29,21 +28,19 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for builders
 
+from builders import tiny_module, tone_pairs, trainable_parts  # noqa: E402
 from callbacks import NonFiniteGuard, RngStateCheckpoint, TrainableWeightsExport  # noqa: E402
-from lightning_modules import EmbeddingModule, EmbTokenPooler, LinearHead, QwenOmniThinker  # noqa: E402
+from lightning_modules import EmbeddingModule  # noqa: E402
 from lightning_modules.adapters import LoraSettings  # noqa: E402
-from datamodules.inputs import EmbedInput  # noqa: E402
 from lightning_modules.strategies import FSDP2Strategy  # noqa: E402
 from lightning_modules.weights import trainable_state_dict  # noqa: E402
-from losses import InfoNCE  # noqa: E402
 
 GLOBAL_BATCH = 8
 STEPS_PER_EPOCH = 2
 EPOCHS = 2
-CAPTIONS = ["a low hum", "two short clicks", "a rising chirp", "a siren then a knock", "noise burst",
-            "three beeps", "a falling chirp followed by a buzz", "a chord", "a buzz", "two knocks"]
 
 #: run name → (strategy, module options, run mode). Mode "save": a checkpoint after each epoch and
 #: the trainable-weights export; "resume": restart from the "save" run's first checkpoint.
@@ -62,30 +59,16 @@ RUNS = {
 
 def examples() -> list[dict]:
     """One epoch of audio–caption pairs with different durations and pitches."""
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(GLOBAL_BATCH * STEPS_PER_EPOCH):
-        t = np.arange(int((0.4 + 0.1 * i) * 16000)) / 16000
-        wave = 0.3 * np.sin(2 * np.pi * (200 + 120 * i) * t) + 0.01 * rng.standard_normal(t.size)
-        out.append({"query": EmbedInput(audio=wave.astype(np.float32)),
-                    "documents": [EmbedInput(text=CAPTIONS[i % len(CAPTIONS)])], "clip_index": i})
-    return out
+    return tone_pairs(GLOBAL_BATCH * STEPS_PER_EPOCH, seconds_step=0.1, pitch_step=120)
 
 
 def make_module(gather: str = "global", grad_cache: int | None = None, checkpointing: bool = False,
                 qlora: bool = False) -> EmbeddingModule:
-    torch.manual_seed(0)
     lora = LoraSettings(r=4, dropout=0.0, quantize_4bit=qlora, compute_dtype="float32")
-    backbone = QwenOmniThinker(tiny=True, lora=lora, gradient_checkpointing=checkpointing)
-    module = EmbeddingModule(backbone, EmbTokenPooler(), LinearHead(16),
-                             InfoNCE(learnable_temperature=True, gather=gather),
-                             learning_rate=3e-3, grad_cache_chunk_size=grad_cache)
     # LoRA B starts at zero, which leaves A without gradient on the first step.
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
-    return module
+    return tiny_module(manual_seed=0, backbone=dict(lora=lora, gradient_checkpointing=checkpointing),
+                       **trainable_parts(gather=gather), learning_rate=3e-3, grad_cache_chunk_size=grad_cache,
+                       lora_b_std=0.1, per_name_generator=True)
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
