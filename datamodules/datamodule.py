@@ -443,10 +443,11 @@ class RetrievalDataModule(pl.LightningDataModule):
         upper = self.train_policy.max_seconds if self.train_policy.max_seconds is not None else np.inf
         return np.clip(durations, self.train_policy.min_seconds, upper)
 
-    def train_dataloader(self) -> DataLoader:
-        sampling_rate, _ = self._bound()
-        dataset = PairDataset(
-            self._split("train"),
+    def train_pairs(self, records: list, sampling_rate: int) -> PairDataset:
+        """The training pairs of ``records`` under this data module's settings (the shard data module
+        fills the records in per sample)."""
+        return PairDataset(
+            records,
             sampling_rate,
             self.train_policy,
             train=True,
@@ -457,6 +458,10 @@ class RetrievalDataModule(pl.LightningDataModule):
             on_bad_sample=self.on_bad_sample,
             hard_negatives=self.text_hard_negatives,
         )
+
+    def train_dataloader(self) -> DataLoader:
+        sampling_rate, _ = self._bound()
+        dataset = self.train_pairs(self._split("train"), sampling_rate)
         if self.mined_negatives is not None:
             records = self._split("train")
             mined = read_mined(self.mined_negatives, [record.id for record in records])

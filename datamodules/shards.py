@@ -663,18 +663,7 @@ class WebDatasetDataModule(RetrievalDataModule):
         shards = self.shards()
         world, rank = self._world()
         plan = ShardPlan([s.samples for s in shards], self.batch_size, world, max(1, self.num_workers), self.seed)
-        items = PairDataset(
-            [],
-            sampling_rate,
-            self.train_policy,
-            train=True,
-            seed=self.seed,
-            caption_fields=self.caption_fields,
-            query_instruction=self.query_instruction,
-            document_instruction=self.document_instruction,
-            on_bad_sample=self.on_bad_sample,
-            hard_negatives=self.text_hard_negatives,
-        )
+        items = self.train_pairs([], sampling_rate)
         dataset = ShardPairs(
             shards,
             plan,
