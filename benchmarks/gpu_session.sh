@@ -86,8 +86,11 @@ ALM2VEC="--config configs/alm2vec.yaml --config configs/tiny/alm2vec.yaml $COMMO
 step 01_env 120 6 $PY -c "
 import torch, transformers, peft, lightning, bitsandbytes as bnb
 import lightning_modules  # the project imports on this transformers
-print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__,
-      'peft', peft.__version__, 'lightning', lightning.__version__, 'bitsandbytes', bnb.__version__)
+from importlib.metadata import version
+# what the image brings next to the wheels, to compare with pyproject.toml's lower bounds
+print('torch', torch.__version__, 'cuda', torch.version.cuda, *(f'{n} {version(n)}' for n in [
+      'transformers', 'tokenizers', 'huggingface-hub', 'peft', 'lightning', 'torchmetrics', 'tensorboard',
+      'bitsandbytes', 'numpy']))
 dev = 'cuda' if torch.cuda.is_available() else 'cpu'
 print('device:', torch.cuda.get_device_name() if dev == 'cuda' else 'CPU (no CUDA)')
 lin = bnb.nn.Linear4bit(256, 256, bias=False, compute_dtype=torch.bfloat16, quant_type='nf4').to(dev)

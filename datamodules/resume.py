@@ -76,7 +76,15 @@ class ResumableSampler(DistributedSamplerWrapper):
 
     def __init__(self, sampler: Sampler, num_replicas: int, rank: int):
         super().__init__(sampler, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self._sampler = sampler
         self._resume = (0, 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch here and in ``sampler``, which shuffles by it. Lightning's wrapper forwards
+        it itself only from 2.6.1 on; before, every epoch would repeat the first one's order."""
+        super().set_epoch(epoch)
+        if callable(getattr(self._sampler, "set_epoch", None)):
+            self._sampler.set_epoch(epoch)
 
     def resume_at(self, epoch: int, skip: int) -> None:
         """Start at ``epoch`` and leave out its first ``skip`` indices of this rank (batches done ×

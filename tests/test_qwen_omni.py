@@ -2,6 +2,7 @@
 
 import math
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -157,16 +158,20 @@ def _audio_only_processor(collate):
 
     Its image and video processors are never called for audio, but the constructor type-checks them,
     and resolving the video processor's base class needs torchvision (the video mapping is a dummy
-    object without it). So the image side is the PIL implementation and there is no video
-    processor: the subclass accepts ``None`` for it and leaves every other check and all of
-    ``__call__`` to the official class.
+    object without it). So the image side is the PIL implementation and the video processor is a
+    stand-in holding only the ``merge_size`` that releases before 5.23 read in every ``__call__``:
+    the subclass accepts it and leaves every other check and all of ``__call__`` to the official
+    class.
     """
     from transformers import Qwen2_5OmniProcessor, Qwen2VLImageProcessorPil
 
+    class NoVideo(SimpleNamespace):
+        """Never called for audio; ``merge_size`` as in Qwen2.5-Omni's video processor."""
+
     class AudioOnlyProcessor(Qwen2_5OmniProcessor):
         def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
-                return type(None)
+            if argument_name == "video_processor" and isinstance(argument, NoVideo):
+                return NoVideo
             return super().check_argument_for_proper_class(argument_name, argument)
 
     tokenizer = collate.tokenizer
@@ -178,7 +183,7 @@ def _audio_only_processor(collate):
         setattr(tokenizer, name, token)
         setattr(tokenizer, name + "_id", tokenizer.convert_tokens_to_ids(token))
     return AudioOnlyProcessor(
-        image_processor=Qwen2VLImageProcessorPil(), video_processor=None,
+        image_processor=Qwen2VLImageProcessorPil(), video_processor=NoVideo(merge_size=2),
         feature_extractor=collate.feature_extractor, tokenizer=tokenizer,
     )  # fmt: skip
 
