@@ -9,8 +9,9 @@ and never its last ones.
 :func:`resume_position` reads where the next batch belongs from the loop counters, and the training
 samplers start that epoch there (:class:`ResumableSampler`,
 :meth:`~datamodules.bucketing.DurationBatchSampler.resume_at` with duration bucketing, and
-:class:`StepSampler` for WebDataset shards; :func:`resume_loader` moves any of them): the loader keeps the full epoch's length (Lightning counts the
-skipped batches as done), and the batches left out are never loaded.
+:class:`StepSampler` for WebDataset shards; :func:`resume_loader` moves any of them): the loader
+keeps the full epoch's length (Lightning counts the skipped batches as done), and the batches left
+out are never loaded.
 
 The counters cannot be read when the loader is built: Lightning builds the train loader *before* it
 restores them whenever ``configure_optimizers`` asks for ``trainer.estimated_stepping_batches``
