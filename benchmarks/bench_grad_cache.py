@@ -61,24 +61,15 @@ def step(batch: int, chunk: int | None, width: int, seconds: float) -> dict:
     return {"peak_mb": peak, "step_growth_mb": peak - before, "inputs_mb": inputs_mb}
 
 
-def tensors(obj) -> list:
+
+def tensors(batch) -> list:
     """Every tensor inside a collated batch (nested dicts, lists, dataclasses)."""
-    import dataclasses
-
     import torch
+    from lightning.fabric.utilities.apply_func import apply_to_collection
 
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in tensors(v)]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in tensors(v)]
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return [t for f in dataclasses.fields(obj) for t in tensors(getattr(obj, f.name))]
-    if hasattr(obj, "data") and isinstance(getattr(obj, "data"), dict):  # transformers BatchFeature
-        return tensors(obj.data)
-    return []
-
+    found: list = []
+    apply_to_collection(batch, torch.Tensor, found.append)
+    return found
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

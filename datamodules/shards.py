@@ -65,6 +65,7 @@ import json
 import logging
 import math
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -143,7 +144,7 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     urls = [url for pattern in patterns for url in expand(pattern)]
     if not urls:
         raise ValueError(f"train_shards {spec!r} names no shard")
-    repeated = sorted({url for url in urls if urls.count(url) > 1})
+    repeated = sorted(url for url, times in Counter(urls).items() if times > 1)
     if repeated:
         raise ValueError(f"train_shards names these shards more than once: {repeated[:5]}")
     return urls
